@@ -1,0 +1,227 @@
+/*
+ * cli_model.c - the model subcommands: serve (until the HTTP server lands), schedule,
+ * export-tiny, generate. Each returns the exit status.
+ */
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine/config.h"
+#include "engine/err.h"
+#include "engine/model.h"
+#include "engine/schedule.h"
+#include "engine/tiny.h"
+#include "server/cli.h"
+
+int cli_serve(int argc, char **argv)
+{
+    (void)argc;
+    (void)argv;
+    fprintf(stderr, "dsv4d serve: the HTTP server is not built yet (issue 5); use `dsv4d generate`\n");
+    return 1;
+}
+
+/* Load only the config of MODEL (a directory or builtin:...). */
+static int load_config(const char *model, struct dsv4_config *c)
+{
+    if (!strcmp(model, "builtin:tiny-flash")) {
+        dsv4_tiny_config(c, DSV4_VARIANT_FLASH);
+        return 0;
+    }
+    if (!strcmp(model, "builtin:tiny-pro")) {
+        dsv4_tiny_config(c, DSV4_VARIANT_PRO);
+        return 0;
+    }
+    if (!strncmp(model, "builtin:", 8))
+        return err_setf(ERR_NOTFOUND, "unknown built-in model \"%s\"", model);
+    return dsv4_config_load_dir(c, model);
+}
+
+int cli_schedule(int argc, char **argv)
+{
+    if (argc != 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
+        fprintf(argc == 2 ? stdout : stderr,
+                "usage: dsv4d schedule MODEL\n"
+                "Print the layer schedule from MODEL's config.json: one line per layer\n"
+                "`<index> <swa|csa|hca> <hash|dense>`, then `mtp <swa|csa|hca> <hash|dense>` per\n"
+                "MTP layer.\n");
+        return argc == 2 ? 0 : 2;
+    }
+    struct dsv4_config c;
+    struct dsv4_schedule s;
+    int rc = load_config(argv[1], &c);
+    if (!rc)
+        rc = dsv4_schedule_build(&s, &c);
+    if (rc) {
+        fprintf(stderr, "dsv4d schedule: %s\n", err_msg());
+        return 1;
+    }
+    for (int i = 0; i < s.n_layers + s.n_mtp; i++) {
+        const struct dsv4_layer_spec *l = &s.layers[i];
+        if (l->is_mtp)
+            printf("mtp %s %s\n", dsv4_attn_name(l->attn), dsv4_router_name(l->router));
+        else
+            printf("%d %s %s\n", i, dsv4_attn_name(l->attn), dsv4_router_name(l->router));
+    }
+    return 0;
+}
+
+int cli_export_tiny(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        {"variant", required_argument, NULL, 'v'}, {"help", no_argument, NULL, 'h'}, {0, 0, 0, 0}};
+    enum dsv4_variant v = DSV4_VARIANT_FLASH;
+    int o;
+    optind = 1;
+    while ((o = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+        if (o == 'v' && dsv4_variant_parse(optarg, &v) == 0)
+            continue;
+        if (o == 'v')
+            fprintf(stderr, "dsv4d export-tiny: %s\n", err_msg());
+        FILE *f = o == 'h' ? stdout : stderr;
+        fprintf(f, "usage: dsv4d export-tiny DIR [--variant flash|pro]\n"
+                   "Write the built-in tiny model as a checkpoint directory in the official\n"
+                   "Hugging Face layout (config.json, sharded safetensors + index).\n");
+        return o == 'h' ? 0 : 2;
+    }
+    if (optind != argc - 1) {
+        fprintf(stderr, "usage: dsv4d export-tiny DIR [--variant flash|pro]\n");
+        return 2;
+    }
+    if (dsv4_tiny_export(argv[optind], v)) {
+        fprintf(stderr, "dsv4d export-tiny: %s\n", err_msg());
+        return 1;
+    }
+    return 0;
+}
+
+/* Parse "1,2,3" into a malloc'd array. */
+static int parse_ids(const char *s, int32_t **out, int *n)
+{
+    int cap = 16, cnt = 0;
+    int32_t *ids = malloc(sizeof(int32_t) * (size_t)cap);
+    const char *p = s;
+    if (!ids)
+        return err_setf(ERR_NOMEM, "out of memory");
+    while (*p) {
+        char *end;
+        long v = strtol(p, &end, 10);
+        if (end == p || v < 0 || v > 0x7fffffff || (*end && *end != ',')) {
+            free(ids);
+            return err_setf(ERR_INVAL, "--prompt-ids: \"%s\" is not a comma-separated id list", s);
+        }
+        if (cnt == cap) {
+            int32_t *nids = realloc(ids, sizeof(int32_t) * (size_t)(cap *= 2));
+            if (!nids) {
+                free(ids);
+                return err_setf(ERR_NOMEM, "out of memory");
+            }
+            ids = nids;
+        }
+        ids[cnt++] = (int32_t)v;
+        p = *end ? end + 1 : end;
+    }
+    if (!cnt) {
+        free(ids);
+        return err_setf(ERR_INVAL, "--prompt-ids: empty");
+    }
+    *out = ids;
+    *n = cnt;
+    return 0;
+}
+
+static int argmax(const float *x, int n)
+{
+    int best = 0;
+    for (int i = 1; i < n; i++)
+        if (x[i] > x[best])
+            best = i;
+    return best;
+}
+
+int cli_generate(int argc, char **argv)
+{
+    static const struct option opts[] = {{"model", required_argument, NULL, 'm'},
+                                         {"prompt-ids", required_argument, NULL, 'p'},
+                                         {"max-tokens", required_argument, NULL, 'n'},
+                                         {"numerics", required_argument, NULL, 'x'},
+                                         {"help", no_argument, NULL, 'h'},
+                                         {0, 0, 0, 0}};
+    const char *model = "builtin:tiny-flash", *ids_arg = NULL, *numerics = "model";
+    long max_tokens = 16;
+    int o;
+    optind = 1;
+    while ((o = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+        char *end = NULL;
+        switch (o) {
+        case 'm': model = optarg; break;
+        case 'p': ids_arg = optarg; break;
+        case 'x': numerics = optarg; break;
+        case 'n':
+            max_tokens = strtol(optarg, &end, 10);
+            if (*end || max_tokens < 1 || max_tokens > 1000000) {
+                fprintf(stderr, "dsv4d generate: --max-tokens must be an integer in [1, 1000000]\n");
+                return 2;
+            }
+            break;
+        default: {
+            FILE *f = o == 'h' ? stdout : stderr;
+            fprintf(f, "usage: dsv4d generate --model MODEL --prompt-ids 1,2,3 --max-tokens N\n"
+                       "                      [--numerics model|exact]\n"
+                       "Greedy generation on the CPU engine; prints the generated ids on one line.\n"
+                       "Stops early at the model's eos token. --numerics exact runs FP32 on the\n"
+                       "dequantised weights (the float reference); model (default) adds the\n"
+                       "quantisation steps of the model definition.\n");
+            return o == 'h' ? 0 : 2;
+        }
+        }
+    }
+    if (!ids_arg || optind != argc) {
+        fprintf(stderr, "dsv4d generate: --prompt-ids is required (see --help)\n");
+        return 2;
+    }
+    if (strcmp(numerics, "model") && strcmp(numerics, "exact")) {
+        fprintf(stderr, "dsv4d generate: --numerics must be model or exact\n");
+        return 2;
+    }
+    int32_t *ids = NULL;
+    int n = 0, status = 1;
+    struct dsv4_model *m = NULL;
+    struct dsv4_seq_state *st = NULL;
+    float *logits = NULL;
+    if (parse_ids(ids_arg, &ids, &n) || dsv4_model_open(&m, model) ||
+        dsv4_seq_state_new(m, &st)) {
+        fprintf(stderr, "dsv4d generate: %s\n", err_msg());
+        goto out;
+    }
+    m->numerics = strcmp(numerics, "exact") ? DSV4_NUMERICS_MODEL : DSV4_NUMERICS_EXACT;
+    logits = malloc(sizeof(float) * (size_t)m->cfg.vocab_size);
+    if (!logits) {
+        fprintf(stderr, "dsv4d generate: out of memory\n");
+        goto out;
+    }
+    struct dsv4_batch_seq b = {st, ids, n, 0};
+    for (long i = 0; i < max_tokens; i++) {
+        if (dsv4_forward(m, &b, 1, logits, NULL)) {
+            fprintf(stderr, "\ndsv4d generate: %s\n", err_msg());
+            goto out;
+        }
+        int32_t tok = argmax(logits, m->cfg.vocab_size);
+        printf("%s%d", i ? " " : "", tok);
+        fflush(stdout);
+        if (tok == m->cfg.eos_token_id)
+            break;
+        ids[0] = tok;
+        b.tokens = ids;
+        b.n = 1;
+    }
+    printf("\n");
+    status = 0;
+out:
+    free(logits);
+    free(ids);
+    dsv4_seq_state_free(st);
+    dsv4_model_free(m);
+    return status;
+}
