@@ -668,7 +668,7 @@ int dsv4_forward(struct dsv4_model *m, struct dsv4_batch_seq *seqs, int nseq, fl
         for (int i = 0; i < nsel; i++)
             memcpy(hidden + (size_t)i * n * d, X + (size_t)rows[i] * n * d,
                    sizeof(float) * (size_t)n * d);
-    if ((rc = head_rows(m, X, rows, nsel, &m->w.hc_head, m->w.norm, logits)))
+    if (logits && (rc = head_rows(m, X, rows, nsel, &m->w.hc_head, m->w.norm, logits)))
         goto out;
     for (int s = 0; s < nseq; s++)
         seqs[s].state->pos += seqs[s].n;

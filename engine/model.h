@@ -83,7 +83,7 @@ struct dsv4_batch_seq {
 
 /*
  * Run one step. logits receives, for each sequence in order, n rows (all_logits) or 1 row of
- * vocab_size floats. hidden (optional, may be NULL) receives the same rows' final residual
+ * vocab_size floats (NULL: skip the head). hidden (optional, may be NULL) receives the same rows' final residual
  * streams (hc_mult, d) before hc_head, which the MTP block consumes.
  * On error no state has been advanced past a consistent point only if the error is detected
  * before the walk (bad token id, position past max_position_embeddings, out of memory).
