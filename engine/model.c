@@ -18,49 +18,66 @@
 
 /* ---- open / free ---- */
 
-int dsv4_model_open(struct dsv4_model **out, const char *spec)
+/* Schedule, weights and RoPE tables of a model whose cfg and st are set. */
+static int model_finish(struct dsv4_model *m)
+{
+    const struct dsv4_config *c = &m->cfg;
+    int rc;
+    if ((rc = dsv4_schedule_build(&m->sched, c)) ||
+        (rc = dsv4_weights_bind(&m->w, m->st, c, &m->sched)))
+        return rc;
+    if (c->rope_dim / 2 > 64)
+        return err_setf(ERR_CONFIG, "%s: qk_rope_head_dim %d > 128 unsupported", m->name,
+                        c->rope_dim);
+    cpu_rope_inv_freq(c->rope_dim, c->rope_theta, 0, 1, 1, 0, 0, m->inv_freq_main);
+    cpu_rope_inv_freq(c->rope_dim, c->compress_rope_theta, c->yarn, c->yarn_factor,
+                      c->yarn_original_max_pos, c->yarn_beta_fast, c->yarn_beta_slow,
+                      m->inv_freq_compress);
+    m->numerics = DSV4_NUMERICS_MODEL;
+    return 0;
+}
+
+int dsv4_model_open_set(struct dsv4_model **out, const struct dsv4_config *cfg, struct st_set *st,
+                        const char *name)
 {
     struct dsv4_model *m = calloc(1, sizeof *m);
     int rc;
-    if (!m)
+    if (!m) {
+        st_set_free(st);
         return err_setf(ERR_NOMEM, "model: out of memory");
-    snprintf(m->name, sizeof m->name, "%s", spec);
+    }
+    m->cfg = *cfg;
+    m->st = st;
+    snprintf(m->name, sizeof m->name, "%s", name);
+    if ((rc = model_finish(m))) {
+        dsv4_model_free(m);
+        return rc;
+    }
+    *out = m;
+    return 0;
+}
+
+int dsv4_model_open(struct dsv4_model **out, const char *spec)
+{
+    struct dsv4_config cfg;
+    struct st_set *st = NULL;
+    int rc;
     if (!strncmp(spec, "builtin:", 8)) {
         enum dsv4_variant v;
         if (!strcmp(spec + 8, "tiny-flash"))
             v = DSV4_VARIANT_FLASH;
         else if (!strcmp(spec + 8, "tiny-pro"))
             v = DSV4_VARIANT_PRO;
-        else {
-            rc = err_setf(ERR_NOTFOUND, "unknown built-in model \"%s\" (builtin:tiny-flash, "
-                                        "builtin:tiny-pro)", spec);
-            goto fail;
-        }
-        if ((rc = dsv4_tiny_build(v, &m->cfg, &m->st)))
-            goto fail;
-    } else {
-        if ((rc = dsv4_config_load_dir(&m->cfg, spec)) || (rc = st_set_open_dir(&m->st, spec)))
-            goto fail;
+        else
+            return err_setf(ERR_NOTFOUND,
+                            "unknown built-in model \"%s\" (builtin:tiny-flash, builtin:tiny-pro)",
+                            spec);
+        if ((rc = dsv4_tiny_build(v, &cfg, &st)))
+            return rc;
+    } else if ((rc = dsv4_config_load_dir(&cfg, spec)) || (rc = st_set_open_dir(&st, spec))) {
+        return rc;
     }
-    if ((rc = dsv4_schedule_build(&m->sched, &m->cfg)))
-        goto fail;
-    if ((rc = dsv4_weights_bind(&m->w, m->st, &m->cfg, &m->sched)))
-        goto fail;
-    const struct dsv4_config *c = &m->cfg;
-    if (c->rope_dim / 2 > 64) {
-        rc = err_setf(ERR_CONFIG, "%s: qk_rope_head_dim %d > 128 unsupported", spec, c->rope_dim);
-        goto fail;
-    }
-    cpu_rope_inv_freq(c->rope_dim, c->rope_theta, 0, 1, 1, 0, 0, m->inv_freq_main);
-    cpu_rope_inv_freq(c->rope_dim, c->compress_rope_theta, c->yarn, c->yarn_factor,
-                      c->yarn_original_max_pos, c->yarn_beta_fast, c->yarn_beta_slow,
-                      m->inv_freq_compress);
-    m->numerics = DSV4_NUMERICS_MODEL;
-    *out = m;
-    return 0;
-fail:
-    dsv4_model_free(m);
-    return rc;
+    return dsv4_model_open_set(out, &cfg, st, spec);
 }
 
 void dsv4_model_free(struct dsv4_model *m)

@@ -47,6 +47,10 @@ struct dsv4_model {
  * with dsv4_model_free.
  */
 int dsv4_model_open(struct dsv4_model **out, const char *spec);
+
+/* Open a model over a checkpoint set already built (takes ownership of st, even on failure). */
+int dsv4_model_open_set(struct dsv4_model **out, const struct dsv4_config *cfg, struct st_set *st,
+                        const char *name);
 void dsv4_model_free(struct dsv4_model *m);
 
 /* ---- per-sequence state ---- */

@@ -434,21 +434,26 @@ int dsv4_variant_parse(const char *s, enum dsv4_variant *v)
     return 0;
 }
 
-int dsv4_tiny_build(enum dsv4_variant v, struct dsv4_config *cfg, struct st_set **out)
+int dsv4_synth_build(const struct dsv4_config *cfg, const char *label, struct st_set **out)
 {
     struct tlist l;
     int n_first, rc;
     uint8_t *img = NULL;
     size_t len = 0;
-    dsv4_tiny_config(cfg, v);
     if ((rc = tiny_tensors(cfg, &l, &n_first)))
         return rc;
     rc = st_serialize(l.t, l.n, NULL, 0, &img, &len);
     tlist_free(&l);
     if (rc)
         return rc;
-    return st_set_open_mem_take(out, v == DSV4_VARIANT_PRO ? "builtin:tiny-pro" : "builtin:tiny-flash",
-                                img, len);
+    return st_set_open_mem_take(out, label, img, len);
+}
+
+int dsv4_tiny_build(enum dsv4_variant v, struct dsv4_config *cfg, struct st_set **out)
+{
+    dsv4_tiny_config(cfg, v);
+    return dsv4_synth_build(cfg, v == DSV4_VARIANT_PRO ? "builtin:tiny-pro" : "builtin:tiny-flash",
+                            out);
 }
 
 static int write_text(const char *path, const char *text)

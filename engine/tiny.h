@@ -21,6 +21,12 @@
 /* The tiny config of a variant. */
 void dsv4_tiny_config(struct dsv4_config *c, enum dsv4_variant v);
 
+/*
+ * Build a synthetic checkpoint for any config (random weights drawn and stored the same way as
+ * the tiny models'; used by benchmarks at real widths). Caller frees with st_set_free.
+ */
+int dsv4_synth_build(const struct dsv4_config *cfg, const char *label, struct st_set **out);
+
 /* Build the tiny checkpoint in memory as a safetensors set (caller frees with st_set_free). */
 int dsv4_tiny_build(enum dsv4_variant v, struct dsv4_config *cfg, struct st_set **out);
 

@@ -9,11 +9,16 @@
 #include "kernels/cpu/cpu.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define LIN_TILE 16 /* rows dequantised together */
 
-float cpu_dot(const float *a, const float *b, int n)
+/* Runtime-dispatched AVX2 clone where the CPU has it. Each of the 8 lanes sums its own
+ * elements in order, so every clone returns the same bits. */
+__attribute__((target_clones("avx2", "default"))) float cpu_dot(const float *a, const float *b,
+                                                               int n)
 {
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     int i = 0;
@@ -34,22 +39,37 @@ static float fp8_block_scale(const struct cpu_qmat *m, int r, int cb)
     return cpu_e8m0_to_f32(((const uint8_t *)m->scale)[i]);
 }
 
+/* (byte) -> its two E2M1 values, low nibble first */
+static float fp4_pairs[256][2];
+static pthread_once_t fp4_once = PTHREAD_ONCE_INIT;
+
+static void fp4_pairs_init(void)
+{
+    for (int b = 0; b < 256; b++) {
+        fp4_pairs[b][0] = cpu_e2m1_to_f32((uint8_t)(b & 15));
+        fp4_pairs[b][1] = cpu_e2m1_to_f32((uint8_t)(b >> 4));
+    }
+}
+
+__attribute__((target_clones("avx2", "default"))) static void
+bf16_row(const uint16_t *restrict w, int C, float *restrict out)
+{
+    for (int c = 0; c < C; c++) {
+        uint32_t u = (uint32_t)w[c] << 16;
+        memcpy(&out[c], &u, sizeof u);
+    }
+}
+
 void cpu_qmat_row(const struct cpu_qmat *m, int r, float *out)
 {
     const int C = m->cols;
     switch (m->fmt) {
-    case CPU_W_F32: {
-        const float *w = (const float *)m->w + (size_t)r * C;
-        for (int c = 0; c < C; c++)
-            out[c] = w[c];
+    case CPU_W_F32:
+        memcpy(out, (const float *)m->w + (size_t)r * C, sizeof(float) * (size_t)C);
         break;
-    }
-    case CPU_W_BF16: {
-        const uint16_t *w = (const uint16_t *)m->w + (size_t)r * C;
-        for (int c = 0; c < C; c++)
-            out[c] = cpu_bf16_to_f32(w[c]);
+    case CPU_W_BF16:
+        bf16_row((const uint16_t *)m->w + (size_t)r * C, C, out);
         break;
-    }
     case CPU_W_FP8: {
         const uint8_t *w = (const uint8_t *)m->w + (size_t)r * C;
         const float *lut = cpu_e4m3_lut();
@@ -64,12 +84,13 @@ void cpu_qmat_row(const struct cpu_qmat *m, int r, float *out)
     case CPU_W_MXFP4: {
         const uint8_t *w = (const uint8_t *)m->w + (size_t)r * (C / 2);
         const uint8_t *sc = (const uint8_t *)m->scale + (size_t)r * (C / 32);
+        pthread_once(&fp4_once, fp4_pairs_init);
         for (int g = 0; g < C / 32; g++) {
             float s = cpu_e8m0_to_f32(sc[g]);
             for (int j = 0; j < 16; j++) {
-                uint8_t byte = w[g * 16 + j];
-                out[g * 32 + 2 * j] = cpu_e2m1_to_f32(byte & 15) * s;
-                out[g * 32 + 2 * j + 1] = cpu_e2m1_to_f32(byte >> 4) * s;
+                const float *p = fp4_pairs[w[g * 16 + j]];
+                out[g * 32 + 2 * j] = p[0] * s;
+                out[g * 32 + 2 * j + 1] = p[1] * s;
             }
         }
         break;
