@@ -97,10 +97,18 @@ static size_t comp_state_floats(int ratio, int D)
     return (size_t)coff * ratio * coff * D;
 }
 
+static void release_blocks(struct dsv4_seq_state *s)
+{
+    for (int i = 0; i < s->n_blocks; i++)
+        dsv4_kv_block_unref(s->pool, s->blocks[i]);
+    s->n_blocks = 0;
+}
+
 void dsv4_seq_state_reset(const struct dsv4_model *m, struct dsv4_seq_state *s)
 {
     s->pos = 0;
     s->mtp_pos = 0;
+    release_blocks(s);
     for (int i = 0; i < s->n_layers; i++) {
         const struct dsv4_layer_spec *sp = &m->sched.layers[i];
         struct dsv4_layer_state *l = &s->layers[i];
@@ -112,12 +120,22 @@ void dsv4_seq_state_reset(const struct dsv4_model *m, struct dsv4_seq_state *s)
     }
 }
 
-int dsv4_seq_state_new(const struct dsv4_model *m, struct dsv4_seq_state **out)
+int dsv4_seq_state_new(const struct dsv4_model *m, struct dsv4_kv_pool *pool,
+                       struct dsv4_seq_state **out)
 {
     const struct dsv4_config *c = &m->cfg;
     struct dsv4_seq_state *s = calloc(1, sizeof *s);
+    int rc;
     if (!s)
         return err_setf(ERR_NOMEM, "state: out of memory");
+    if (!pool) {
+        if ((rc = dsv4_kv_pool_new(&pool, c, &m->sched, 0))) {
+            free(s);
+            return rc;
+        }
+        s->own_pool = 1;
+    }
+    s->pool = pool;
     s->n_layers = c->n_layers + c->n_mtp;
     s->layers = calloc((size_t)s->n_layers, sizeof *s->layers);
     if (!s->layers)
@@ -155,6 +173,8 @@ void dsv4_seq_state_free(struct dsv4_seq_state *s)
 {
     if (!s)
         return;
+    if (s->pool)
+        release_blocks(s);
     for (int i = 0; s->layers && i < s->n_layers; i++) {
         struct dsv4_layer_state *l = &s->layers[i];
         free(l->win);
@@ -162,32 +182,90 @@ void dsv4_seq_state_free(struct dsv4_seq_state *s)
         free(l->comp_sc);
         free(l->icomp_kv);
         free(l->icomp_sc);
-        free(l->entries);
-        free(l->ientries);
     }
+    if (s->own_pool)
+        dsv4_kv_pool_free(s->pool);
+    free(s->blocks);
     free(s->layers);
     free(s);
 }
 
-/* Make room for `need` compressed entries. */
-static int entries_reserve(struct dsv4_layer_state *l, int need, int c, int Di)
+int dsv4_seq_reserve(struct dsv4_seq_state *s, long tokens)
 {
-    if (need <= l->cap)
+    int need = dsv4_kv_blocks_for(tokens);
+    if (need <= s->n_blocks)
         return 0;
-    int cap = l->cap ? l->cap : 16;
-    while (cap < need)
-        cap *= 2;
-    float *e = realloc(l->entries, sizeof(float) * (size_t)cap * (size_t)c);
-    if (!e)
-        return err_setf(ERR_NOMEM, "state: out of memory for compressed entries");
-    l->entries = e;
-    if (Di) {
-        float *ie = realloc(l->ientries, sizeof(float) * (size_t)cap * (size_t)Di);
-        if (!ie)
-            return err_setf(ERR_NOMEM, "state: out of memory for indexer entries");
-        l->ientries = ie;
+    if (need > s->cap_blocks) {
+        int cap = s->cap_blocks ? s->cap_blocks : 8;
+        while (cap < need)
+            cap *= 2;
+        int32_t *nb = realloc(s->blocks, sizeof *nb * (size_t)cap);
+        if (!nb)
+            return err_setf(ERR_NOMEM, "state: out of memory for the block table");
+        s->blocks = nb;
+        s->cap_blocks = cap;
     }
-    l->cap = cap;
+    struct dsv4_kv_pool *p = s->pool;
+    if (s->own_pool && p->n_free < need - s->n_blocks) {
+        int rc = dsv4_kv_pool_grow(p, p->n_blocks + need - s->n_blocks + p->n_blocks / 2);
+        if (rc)
+            return rc;
+    }
+    if (p->n_free < need - s->n_blocks)
+        return err_setf(ERR_BUSY, "kv cache: %d blocks needed, %d free", need - s->n_blocks,
+                        p->n_free);
+    while (s->n_blocks < need)
+        dsv4_kv_block_alloc(p, &s->blocks[s->n_blocks++]);
+    return 0;
+}
+
+int dsv4_seq_state_fork(const struct dsv4_model *m, struct dsv4_seq_state *dst,
+                        const struct dsv4_seq_state *src)
+{
+    const struct dsv4_config *c = &m->cfg;
+    if (dst->pool != src->pool)
+        return err_setf(ERR_INVAL, "state fork: different kv pools");
+    dsv4_seq_state_reset(m, dst);
+    int full = (int)(src->pos / DSV4_BLOCK_TOKENS), used = dsv4_kv_blocks_for(src->pos);
+    int rc;
+    if (used > dst->cap_blocks) {
+        int32_t *nb = realloc(dst->blocks, sizeof *nb * (size_t)used);
+        if (!nb)
+            return err_setf(ERR_NOMEM, "state: out of memory for the block table");
+        dst->blocks = nb;
+        dst->cap_blocks = used;
+    }
+    for (int i = 0; i < full; i++) {
+        dsv4_kv_block_ref(dst->pool, src->blocks[i]);
+        dst->blocks[dst->n_blocks++] = src->blocks[i];
+    }
+    if (used > full) { /* the partially filled block is written by both: copy it */
+        if ((rc = dsv4_seq_reserve(dst, src->pos)))
+            return rc;
+        struct dsv4_kv_pool *p = dst->pool;
+        memcpy(p->data + (size_t)dst->blocks[full] * p->block_floats,
+               p->data + (size_t)src->blocks[full] * p->block_floats,
+               sizeof(float) * p->block_floats);
+    }
+    for (int i = 0; i < dst->n_layers; i++) {
+        const struct dsv4_layer_spec *sp = &m->sched.layers[i];
+        struct dsv4_layer_state *d = &dst->layers[i];
+        const struct dsv4_layer_state *s = &src->layers[i];
+        memcpy(d->win, s->win, sizeof(float) * (size_t)c->sliding_window * (size_t)c->head_dim);
+        if (sp->ratio) {
+            size_t n = comp_state_floats(sp->ratio, c->head_dim) * sizeof(float);
+            memcpy(d->comp_kv, s->comp_kv, n);
+            memcpy(d->comp_sc, s->comp_sc, n);
+        }
+        if (sp->attn == DSV4_ATTN_CSA) {
+            size_t n = comp_state_floats(sp->ratio, c->index_head_dim) * sizeof(float);
+            memcpy(d->icomp_kv, s->icomp_kv, n);
+            memcpy(d->icomp_sc, s->icomp_sc, n);
+        }
+        d->n_entries = s->n_entries;
+    }
+    dst->pos = src->pos;
+    dst->mtp_pos = src->mtp_pos;
     return 0;
 }
 
@@ -239,12 +317,14 @@ static void *xalloc(size_t n, int *fail)
 }
 
 /* Compress one sequence's chunk through a compressor: a, z (T, coff*D) projections of all rows. */
-static int compress_chunk(const struct dsv4_model *m, const struct dsv4_compressor_w *cw,
-                          struct dsv4_layer_state *ls, float *kv_state, float *sc_state,
-                          const struct chunk *ch, const float *a, float *z, int indexer)
+static int compress_chunk(const struct dsv4_model *m, int li, const struct dsv4_compressor_w *cw,
+                          float *kv_state, float *sc_state, const struct chunk *ch, const float *a,
+                          float *z, int indexer)
 {
     const struct dsv4_config *c = &m->cfg;
     const int D = cw->D, width = (cw->overlap ? 2 : 1) * D, r = c->rope_dim;
+    struct dsv4_seq_state *st = ch->st;
+    struct dsv4_layer_state *ls = &st->layers[li];
     float pooled[4096];
     for (int i = 0; i < ch->n; i++) {
         long pos = ch->p0 + i;
@@ -256,28 +336,21 @@ static int compress_chunk(const struct dsv4_model *m, const struct dsv4_compress
         if (!cpu_compressor_push(kv_state, sc_state, cw->ratio, D, cw->overlap, pos, ar, zr,
                                  pooled))
             continue;
-        int idx = (int)(pos / cw->ratio);
-        if (indexer) {
-            /* the main compressor of the same layer reserved room for both */
-            float *e = ls->ientries + (size_t)idx * D;
-            cpu_rmsnorm(pooled, cw->norm, D, (float)c->rms_norm_eps, e);
-            cpu_rope(e + D - r, r, m->inv_freq_compress, (long)idx * cw->ratio, 0);
-            if (m->numerics == DSV4_NUMERICS_MODEL) {
+        long idx = pos / cw->ratio;
+        float *e = indexer ? dsv4_kv_ikey(st->pool, st->blocks, li, idx)
+                           : dsv4_kv_entry(st->pool, st->blocks, li, idx);
+        cpu_rmsnorm(pooled, cw->norm, D, (float)c->rms_norm_eps, e);
+        cpu_rope(e + D - r, r, m->inv_freq_compress, idx * cw->ratio, 0);
+        if (m->numerics == DSV4_NUMERICS_MODEL) {
+            if (indexer) {
                 cpu_hadamard(e, D);
                 cpu_fp4_roundtrip(e, D, 32);
-            }
-        } else {
-            int rc = entries_reserve(ls, idx + 1, c->head_dim,
-                                     ls->icomp_kv ? c->index_head_dim : 0);
-            if (rc)
-                return rc;
-            float *e = ls->entries + (size_t)idx * D;
-            cpu_rmsnorm(pooled, cw->norm, D, (float)c->rms_norm_eps, e);
-            cpu_rope(e + D - r, r, m->inv_freq_compress, (long)idx * cw->ratio, 0);
-            if (m->numerics == DSV4_NUMERICS_MODEL)
+            } else {
                 cpu_fp8_roundtrip(e, D - r, 64);
-            ls->n_entries = idx + 1;
+            }
         }
+        if (!indexer)
+            ls->n_entries = idx + 1;
     }
     return 0;
 }
@@ -392,10 +465,10 @@ static int attention_sublayer(struct dsv4_model *m, int li, float *X, int T,
     for (int ci = 0; ci < nchunk && !rc; ci++) {
         struct dsv4_layer_state *ls = &chunks[ci].st->layers[li];
         if (sp->ratio)
-            rc = compress_chunk(m, &lw->comp, ls, ls->comp_kv, ls->comp_sc, &chunks[ci], ca, cz, 0);
+            rc = compress_chunk(m, li, &lw->comp, ls->comp_kv, ls->comp_sc, &chunks[ci], ca, cz, 0);
         if (!rc && sp->attn == DSV4_ATTN_CSA) {
             /* the indexer's entries share the main compressor's count (same ratio) */
-            rc = compress_chunk(m, &lw->icomp, ls, ls->icomp_kv, ls->icomp_sc, &chunks[ci], ia, iz, 1);
+            rc = compress_chunk(m, li, &lw->icomp, ls->icomp_kv, ls->icomp_sc, &chunks[ci], ia, iz, 1);
         }
     }
     if (rc)
@@ -403,7 +476,8 @@ static int attention_sublayer(struct dsv4_model *m, int li, float *X, int T,
     /* indexer top-k (CSA) */
     if (sp->attn == DSV4_ATTN_CSA) {
         for (int ci = 0; ci < nchunk; ci++) {
-            const struct dsv4_layer_state *ls = &chunks[ci].st->layers[li];
+            const struct dsv4_seq_state *st = chunks[ci].st;
+            const struct dsv4_layer_state *ls = &st->layers[li];
 #pragma omp parallel
             {
                 float *scores = malloc(sizeof(float) * (size_t)(ls->n_entries + 1));
@@ -413,24 +487,33 @@ static int attention_sublayer(struct dsv4_model *m, int li, float *X, int T,
                     long pos = chunks[ci].p0 + i;
                     int nvalid = (int)((pos + 1) / sp->ratio);
                     int k = nvalid < c->index_topk ? nvalid : c->index_topk;
-                    int *st = sel + (size_t)t * c->index_topk;
+                    int *out_sel = sel + (size_t)t * c->index_topk;
                     if (!scores) {
-                        for (int j = 0; j < k; j++) /* no memory: fall back to the latest */
-                            st[j] = nvalid - k + j;
+                        fail = 1;
                         continue;
                     }
-                    cpu_indexer_scores(qi + (size_t)t * Hi * Di, wi + (size_t)t * Hi, Hi, Di,
-                                       ls->ientries, nvalid, 1.0f / sqrtf((float)Di), scores);
-                    cpu_topk(scores, nvalid, k, st);
+                    /* keys are contiguous within a block (DSV4_BLOCK_TOKENS / ratio of them) */
+                    const int per = DSV4_BLOCK_TOKENS / sp->ratio;
+                    for (int s0 = 0; s0 < nvalid; s0 += per)
+                        cpu_indexer_scores(qi + (size_t)t * Hi * Di, wi + (size_t)t * Hi, Hi, Di,
+                                           dsv4_kv_ikey(st->pool, st->blocks, li, s0),
+                                           nvalid - s0 < per ? nvalid - s0 : per,
+                                           1.0f / sqrtf((float)Di), scores + s0);
+                    cpu_topk(scores, nvalid, k, out_sel);
                 }
                 free(scores);
             }
+        }
+        if (fail) {
+            rc = err_setf(ERR_NOMEM, "forward: out of memory in the indexer (layer %d)", li);
+            goto out;
         }
     }
     /* attention over window + compressed entries, then inverse RoPE on the output */
     for (int ci = 0; ci < nchunk; ci++) {
         const struct chunk *ch = &chunks[ci];
-        const struct dsv4_layer_state *ls = &ch->st->layers[li];
+        const struct dsv4_seq_state *st = ch->st;
+        struct dsv4_layer_state *ls = &st->layers[li];
         int maxk = W + (sp->attn == DSV4_ATTN_CSA ? c->index_topk : ls->n_entries);
 #pragma omp parallel
         {
@@ -452,11 +535,12 @@ static int attention_sublayer(struct dsv4_model *m, int li, float *X, int T,
                     int nvalid = (int)((pos + 1) / sp->ratio);
                     int k = nvalid < c->index_topk ? nvalid : c->index_topk;
                     for (int j = 0; j < k; j++)
-                        keys[nk++] = ls->entries + (size_t)sel[(size_t)t * c->index_topk + j] * hd;
+                        keys[nk++] = dsv4_kv_entry(st->pool, st->blocks, li,
+                                                   sel[(size_t)t * c->index_topk + j]);
                 } else if (sp->attn == DSV4_ATTN_HCA) {
                     int nvalid = (int)((pos + 1) / sp->ratio);
                     for (int j = 0; j < nvalid; j++)
-                        keys[nk++] = ls->entries + (size_t)j * hd;
+                        keys[nk++] = dsv4_kv_entry(st->pool, st->blocks, li, j);
                 }
                 float *ot = o + (size_t)t * H * hd;
                 cpu_sink_attention(q + (size_t)t * H * hd, H, hd, keys, nk, lw->attn_sink,
@@ -654,6 +738,9 @@ int dsv4_forward(struct dsv4_model *m, struct dsv4_batch_seq *seqs, int nseq, fl
         T += seqs[s].n;
         nsel += seqs[s].all_logits ? seqs[s].n : 1;
     }
+    for (int s = 0; s < nseq; s++)
+        if ((rc = dsv4_seq_reserve(seqs[s].state, seqs[s].state->pos + seqs[s].n)))
+            return rc;
     struct chunk *chunks = calloc((size_t)nseq, sizeof *chunks);
     int32_t *tokens = malloc(sizeof(int32_t) * (size_t)T);
     int *rows = malloc(sizeof(int) * (size_t)nsel);

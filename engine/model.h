@@ -21,6 +21,7 @@
 #include <stdint.h>
 
 #include "engine/config.h"
+#include "engine/kvcache.h"
 #include "engine/safetensors.h"
 #include "engine/schedule.h"
 #include "engine/weights.h"
@@ -55,26 +56,40 @@ void dsv4_model_free(struct dsv4_model *m);
 
 /* ---- per-sequence state ---- */
 
+/* The fixed-size state of one layer of one sequence. */
 struct dsv4_layer_state {
-    float *win;          /* (n_win, c) ring of KV latents, slot = pos % n_win */
+    float *win;                 /* (n_win, c) ring of KV latents, slot = pos % n_win */
     float *comp_kv, *comp_sc;   /* compressor state (coff*ratio, coff*c) */
     float *icomp_kv, *icomp_sc; /* indexer compressor state (CSA) */
-    float *entries;      /* (cap, c) compressed KV entries */
-    float *ientries;     /* (cap, index_head_dim) indexer keys (CSA) */
-    int n_entries, cap;
+    long n_entries;             /* compressed entries produced so far (= pos / ratio) */
 };
 
+/*
+ * A sequence: its fixed state (one slot's worth) and its block table into a kv pool. The pool is
+ * borrowed (the engine's), or private and growable when the state was made with pool == NULL.
+ */
 struct dsv4_seq_state {
     long pos;     /* tokens processed so far = position of the next token */
     long mtp_pos; /* rows processed so far by the MTP block */
     int n_layers;
     struct dsv4_layer_state *layers; /* n_layers + n_mtp */
+    struct dsv4_kv_pool *pool;
+    int own_pool;
+    int32_t *blocks; /* block table (n_blocks) */
+    int n_blocks, cap_blocks;
 };
 
-int dsv4_seq_state_new(const struct dsv4_model *m, struct dsv4_seq_state **out);
+int dsv4_seq_state_new(const struct dsv4_model *m, struct dsv4_kv_pool *pool,
+                       struct dsv4_seq_state **out);
 void dsv4_seq_state_free(struct dsv4_seq_state *s);
-/* Forget everything (position 0) without freeing. */
+/* Forget everything (position 0): blocks go back to the pool, the fixed state is cleared. */
 void dsv4_seq_state_reset(const struct dsv4_model *m, struct dsv4_seq_state *s);
+/* Have blocks for `tokens` tokens; ERR_BUSY (nothing changed) when the pool is short. */
+int dsv4_seq_reserve(struct dsv4_seq_state *s, long tokens);
+/* Make dst a copy of src (n > 1 choices sharing a prompt): fixed state copied, full blocks
+ * shared by reference, a partially filled last block copied. dst is reset first. */
+int dsv4_seq_state_fork(const struct dsv4_model *m, struct dsv4_seq_state *dst,
+                        const struct dsv4_seq_state *src);
 
 /* ---- forward ---- */
 

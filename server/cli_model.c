@@ -191,7 +191,7 @@ int cli_generate(int argc, char **argv)
     struct dsv4_seq_state *st = NULL;
     float *logits = NULL;
     if (parse_ids(ids_arg, &ids, &n) || dsv4_model_open(&m, model) ||
-        dsv4_seq_state_new(m, &st)) {
+        dsv4_seq_state_new(m, NULL, &st)) {
         fprintf(stderr, "dsv4d generate: %s\n", err_msg());
         goto out;
     }

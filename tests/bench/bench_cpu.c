@@ -36,7 +36,7 @@ static int bench(struct dsv4_model *m, const char *label, int prompt_len, int de
     for (int i = 0; i < prompt_len * batch; i++)
         ids[i] = (int32_t)((i * 7919u + 13u) % (unsigned)V);
     for (int s = 0; s < batch && !rc; s++)
-        rc = dsv4_seq_state_new(m, &st[s]);
+        rc = dsv4_seq_state_new(m, NULL, &st[s]);
     if (rc)
         goto out;
     /* prefill: one sequence */

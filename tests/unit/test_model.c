@@ -54,7 +54,7 @@ static void run_chunks(struct dsv4_model *m, const int32_t *prompt, int len, con
 {
     const size_t row = (size_t)m->cfg.hc_mult * m->cfg.hidden_size;
     struct dsv4_seq_state *st;
-    assert_int_equal(dsv4_seq_state_new(m, &st), 0);
+    assert_int_equal(dsv4_seq_state_new(m, NULL, &st), 0);
     poison(hidden, (size_t)len * row);
     for (int done = 0, k = 0; done < len; k++) {
         int n = sizes[k % nsizes];
@@ -123,7 +123,7 @@ static void test_batch_invariance(void **s)
     float *seqlog[3];
     for (int i = 0; i < NS; i++) {
         prompts[i] = make_prompt(lens[i] + STEPS, 10 + (unsigned)i);
-        assert_int_equal(dsv4_seq_state_new(m, &st[i]), 0);
+        assert_int_equal(dsv4_seq_state_new(m, NULL, &st[i]), 0);
         seqlog[i] = malloc(sizeof(float) * (size_t)(STEPS + 1) * V);
     }
     /* batched: prefill all, then STEPS decode steps of one token each */
@@ -139,7 +139,7 @@ static void test_batch_invariance(void **s)
             memcpy(seqlog[i] + (size_t)step * V, lb + (size_t)i * V, sizeof(float) * (size_t)V);
     }
     for (int i = 0; i < NS; i++) {
-        assert_int_equal(dsv4_seq_state_new(m, &alone), 0);
+        assert_int_equal(dsv4_seq_state_new(m, NULL, &alone), 0);
         for (int step = 0; step <= STEPS; step++) {
             struct dsv4_batch_seq b = {alone, step ? prompts[i] + lens[i] + step - 1 : prompts[i],
                                        step ? 1 : lens[i], 0};
@@ -172,7 +172,7 @@ static void test_mtp_incremental(void **s)
     run_chunks(m, prompt, N, whole, 1, hidden);
     float *all = malloc(sizeof(float) * (size_t)N * V), *one = malloc(sizeof(float) * (size_t)V);
     struct dsv4_seq_state *st;
-    assert_int_equal(dsv4_seq_state_new(m, &st), 0);
+    assert_int_equal(dsv4_seq_state_new(m, NULL, &st), 0);
     poison(all, (size_t)N * V);
     if (dsv4_mtp_forward(m, st, hidden, prompt + 1, N, all))
         fail_msg("%s", err_msg());
@@ -224,8 +224,8 @@ static void test_export_roundtrip(void **s)
         int32_t *prompt = make_prompt(40, 5);
         float *la = malloc(sizeof(float) * (size_t)V), *lb = malloc(sizeof(float) * (size_t)V);
         struct dsv4_seq_state *sa, *sb;
-        assert_int_equal(dsv4_seq_state_new(a, &sa), 0);
-        assert_int_equal(dsv4_seq_state_new(b, &sb), 0);
+        assert_int_equal(dsv4_seq_state_new(a, NULL, &sa), 0);
+        assert_int_equal(dsv4_seq_state_new(b, NULL, &sb), 0);
         struct dsv4_batch_seq ba = {sa, prompt, 40, 0}, bb = {sb, prompt, 40, 0};
         poison(la, (size_t)V);
         poison(lb, (size_t)V);

@@ -59,7 +59,7 @@ static void run_variant(const char *name, const char *model_spec)
 
     struct dsv4_model *m;
     struct dsv4_seq_state *st;
-    if (dsv4_model_open(&m, model_spec) || dsv4_seq_state_new(m, &st))
+    if (dsv4_model_open(&m, model_spec) || dsv4_seq_state_new(m, NULL, &st))
         fail_msg("%s", err_msg());
     m->numerics = DSV4_NUMERICS_EXACT;
     assert_int_equal(m->cfg.vocab_size, V);
