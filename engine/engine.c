@@ -72,6 +72,7 @@ struct engine {
     pthread_mutex_t mu;
     pthread_cond_t cv;
     struct engine_req *sub_head, *sub_tail;
+    struct engine_req *graveyard; /* engine thread: freed at the end of the loop iteration */
     int stopping;
     atomic_int draining;
     atomic_int n_waiting;      /* requests queued or waiting for admission */
@@ -471,16 +472,33 @@ static void finish_seq(struct engine *e, struct seq *s, enum engine_finish why, 
     r->finished++;
     int last = r->finished == r->p.n;
     push_event(r, &ev, last); /* an ERROR event is also the choice's end */
-    if (last)
-        req_unref(r); /* the engine's reference */
+    /* drop the engine's reference; if it was the last one the request is freed only after the
+     * step, since the scheduler may still hold pointers to its other choices */
+    if (last && atomic_fetch_sub(&r->refs, 1) == 1) {
+        r->next = e->graveyard;
+        e->graveyard = r;
+    }
+}
+
+static void bury(struct engine *e)
+{
+    while (e->graveyard) {
+        struct engine_req *r = e->graveyard;
+        e->graveyard = r->next;
+        req_free(r);
+    }
 }
 
 static void finish_req(struct engine *e, struct engine_req *r, enum engine_finish why, int err,
                        const char *msg)
 {
-    for (int i = 0; i < r->p.n; i++)
-        if (r->seqs[i].phase != SEQ_DONE)
+    /* once the last choice is finished the consumer may free r at any moment: stop touching it */
+    int n = r->p.n, remaining = n - r->finished;
+    for (int i = 0; i < n && remaining > 0; i++)
+        if (r->seqs[i].phase != SEQ_DONE) {
+            remaining--;
             finish_seq(e, &r->seqs[i], why, -1, NULL, err, msg);
+        }
 }
 
 /* ---- engine thread: one step ---- */
@@ -744,6 +762,7 @@ static int step(struct engine *e)
     for (int i = 0; i < e->n_running; i++)
         e->running[i]->scheduled = 0;
     /* 1. decodes, 2. prefill chunks of running sequences, in admission order */
+    int blocks_left = e->be->ops->blocks_free(e->be);
     for (int pass = 0; pass < 2; pass++) {
         int n = e->n_running;
         memcpy(order, e->running, sizeof *order * (size_t)n);
@@ -755,7 +774,7 @@ static int step(struct engine *e)
                 continue;
             int chunk = remaining < budget ? remaining : budget;
             int need = blocks_needed(s, chunk);
-            while (need > blocks_available(e)) {
+            while (need > blocks_left) {
                 /* out of cache: preempt the least important, most recent sequence */
                 struct seq *v = victim(e);
                 if (!v)
@@ -763,21 +782,23 @@ static int step(struct engine *e)
                 budget += v->scheduled;
                 v->scheduled = 0;
                 preempt(e, v);
+                blocks_left = blocks_available(e);
                 if (v == s)
                     break;
             }
             if (s->phase != SEQ_RUNNING)
                 continue;
-            if (need > blocks_available(e)) {
+            if (need > blocks_left) {
                 finish_req(e, s->req, ENGINE_FINISH_ERROR, ERR_RANGE,
                            "the sequence needs more KV cache than the server has");
+                blocks_left = blocks_available(e);
                 continue;
             }
             s->scheduled = chunk;
             budget -= chunk;
+            blocks_left -= need;
         }
     }
-    int blocks_left = blocks_available(e);
     admit(e, &budget, &blocks_left);
     /* the batch */
     for (int i = 0; i < e->n_running; i++) {
@@ -851,6 +872,7 @@ static void *engine_main(void *arg)
         if (stopping)
             break;
         reap(e);
+        bury(e);
         if (atomic_load(&e->st_failed)) {
             while (e->n_wait)
                 finish_req(e, e->waiting[0]->req, ENGINE_FINISH_ERROR, ERR_CUDA, "engine failure");
@@ -858,6 +880,7 @@ static void *engine_main(void *arg)
         }
         int before = e->n_running + e->n_wait;
         step(e);
+        bury(e);
         if (e->n_running == 0 && e->n_wait > 0 && before == e->n_running + e->n_wait) {
             /* nothing could run (no slot or cache for the head of the queue): wait for change */
             pthread_mutex_lock(&e->mu);
@@ -879,6 +902,7 @@ static void *engine_main(void *arg)
         finish_req(e, e->running[0]->req, ENGINE_FINISH_ABORT, 0, NULL);
     while (e->n_wait)
         finish_req(e, e->waiting[0]->req, ENGINE_FINISH_ABORT, 0, NULL);
+    bury(e);
     return NULL;
 }
 
@@ -979,6 +1003,7 @@ void engine_free(struct engine *e)
         take_submitted(e);
         while (e->n_wait)
             finish_req(e, e->waiting[0]->req, ENGINE_FINISH_ABORT, 0, NULL);
+        bury(e);
     }
     if (e->be)
         e->be->ops->destroy(e->be);

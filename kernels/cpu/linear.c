@@ -15,10 +15,17 @@
 
 #define LIN_TILE 16 /* rows dequantised together */
 
+/* AVX2 clones picked at load time by an ifunc resolver. ThreadSanitizer instruments the resolver,
+ * which then runs before its runtime is up and crashes, so TSan builds use the default path. */
+#if defined(__SANITIZE_THREAD__) || defined(DSV4_NO_TARGET_CLONES)
+#define CPU_CLONES
+#else
+#define CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#endif
+
 /* Runtime-dispatched AVX2 clone where the CPU has it. Each of the 8 lanes sums its own
  * elements in order, so every clone returns the same bits. */
-__attribute__((target_clones("avx2", "default"))) float cpu_dot(const float *a, const float *b,
-                                                               int n)
+CPU_CLONES float cpu_dot(const float *a, const float *b, int n)
 {
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     int i = 0;
@@ -51,8 +58,7 @@ static void fp4_pairs_init(void)
     }
 }
 
-__attribute__((target_clones("avx2", "default"))) static void
-bf16_row(const uint16_t *restrict w, int C, float *restrict out)
+CPU_CLONES static void bf16_row(const uint16_t *restrict w, int C, float *restrict out)
 {
     for (int c = 0; c < C; c++) {
         uint32_t u = (uint32_t)w[c] << 16;

@@ -37,6 +37,7 @@ struct fake {
     int steps;
     int max_tokens_in_step;
     int decode_steps_with_prefill; /* steps that had a 1-token row and a multi-token row */
+    int step_us;                   /* simulated step time */
     atomic_int calls;
 };
 
@@ -69,6 +70,8 @@ static int fake_step(struct backend *b, const struct backend_seq *seqs, int n, f
         }
     }
     f->steps++;
+    if (f->step_us)
+        usleep((useconds_t)f->step_us);
     if (total > f->max_tokens_in_step)
         f->max_tokens_in_step = total;
     f->decode_steps_with_prefill += has1 && hasmany;
@@ -317,6 +320,7 @@ static void test_cancel_and_deadline(void **state)
     (void)state;
     struct fake *f;
     struct engine *e = fake_engine(1, 64, 256, 16, &f); /* one slot: d waits behind r */
+    f->step_us = 300;
     assert_int_equal(engine_start(e), 0);
     int32_t prompt[200];
     for (int i = 0; i < 200; i++)
@@ -328,7 +332,15 @@ static void test_cancel_and_deadline(void **state)
     clock_gettime(CLOCK_MONOTONIC, &ts);
     p.deadline = (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec + 0.003;
     assert_int_equal(engine_submit(e, &p, &d), 0);
-    usleep(10000);
+    struct engine_event ev;
+    for (int got = 0; !got;) { /* cancel once r is running */
+        if (engine_poll(r, &ev)) {
+            got = ev.type == ENGINE_EV_TOKEN;
+            engine_event_clear(&ev);
+        } else {
+            usleep(100);
+        }
+    }
     engine_cancel(r);
     int32_t toks[4096];
     int n;
@@ -583,6 +595,114 @@ static void test_tiny_batch_invariance_and_seeds(void **state)
     dsv4_model_free(m);
 }
 
+/* Stop strings that straddle a token boundary are caught, and no part of them leaks. */
+static int utf8_start(unsigned char c)
+{
+    return (c & 0xc0) != 0x80;
+}
+
+static void test_tiny_stop_strings(void **state)
+{
+    (void)state;
+    char path[4096];
+    const char *env = getenv("DSV4_TOKENIZER"), *build = getenv("DSV4_BUILD_ROOT");
+    snprintf(path, sizeof path, "%s", env ? env : "");
+    if (!env)
+        snprintf(path, sizeof path, "%s/tokenizer.json", build ? build : ".");
+    if (access(path, R_OK) != 0) {
+        printf("# no tokenizer at %s (tests/text/fetch_tokenizer.sh fetches it)\n", path);
+        skip();
+    }
+    struct tokenizer *tok;
+    struct dsv4_model *m;
+    if (tok_load(path, &tok) || dsv4_model_open(&m, "builtin:tiny-pro"))
+        fail_msg("%s", err_msg());
+    struct engine *e;
+    struct engine_config c;
+    engine_config_defaults(&c);
+    c.max_num_seqs = 4;
+    c.max_model_len = 512;
+    if (engine_new(&e, m, tok, &c) || engine_start(e))
+        fail_msg("%s", err_msg());
+    int32_t prompt[6] = {0, 1000, 2000, 3000, 4000, 5000};
+    struct engine_params p = params(prompt, 6, 24);
+    p.detokenize = 1;
+    struct engine_req *r;
+    struct engine_event ev;
+    char full[4096] = "";
+    size_t bounds[64];
+    int nb = 0;
+    assert_int_equal(engine_submit(e, &p, &r), 0);
+    while (!engine_req_done(r)) {
+        if (!engine_poll(r, &ev)) {
+            usleep(200);
+            continue;
+        }
+        if (ev.type == ENGINE_EV_TOKEN && ev.token >= 0) {
+            strncat(full, ev.text, sizeof full - strlen(full) - 1);
+            bounds[nb++] = strlen(full);
+        }
+        engine_event_clear(&ev);
+    }
+    engine_req_release(r);
+    /* a boundary with at least one character on each side, away from the start */
+    int found = 0;
+    char stop[64];
+    size_t at = 0;
+    for (int k = 2; k + 1 < nb && !found; k++) {
+        size_t b = bounds[k];
+        if (b == 0 || b >= strlen(full) || bounds[k - 1] == b || bounds[k + 1] == b)
+            continue;
+        size_t lo = b - 1, hi = b + 1;
+        while (lo > 0 && !utf8_start((unsigned char)full[lo]))
+            lo--;
+        while (full[hi] && !utf8_start((unsigned char)full[hi]))
+            hi++;
+        if (hi - lo < sizeof stop && lo > 0) {
+            memcpy(stop, full + lo, hi - lo);
+            stop[hi - lo] = 0;
+            char *first = strstr(full, stop);
+            if (first && (size_t)(first - full) == lo) {
+                at = lo;
+                found = 1;
+            }
+        }
+    }
+    if (!found)
+        fail_msg("no usable token boundary in \"%s\"", full);
+    const char *stops[1] = {stop};
+    p.stop = stops;
+    p.n_stop = 1;
+    assert_int_equal(engine_submit(e, &p, &r), 0);
+    char out[4096] = "";
+    int finish = -1;
+    char matched[64] = "";
+    while (!engine_req_done(r)) {
+        if (!engine_poll(r, &ev)) {
+            usleep(200);
+            continue;
+        }
+        if (ev.type == ENGINE_EV_TOKEN) {
+            strncat(out, ev.text, sizeof out - strlen(out) - 1);
+            assert_null(strstr(out, stop)); /* never leaks, even partially at the end */
+        } else {
+            finish = ev.finish;
+            if (ev.stop_str)
+                snprintf(matched, sizeof matched, "%s", ev.stop_str);
+        }
+        engine_event_clear(&ev);
+    }
+    engine_req_release(r);
+    printf("# stop \"%s\" at byte %zu of \"%s\"\n", stop, at, full);
+    assert_int_equal(finish, ENGINE_FINISH_STOP);
+    assert_string_equal(matched, stop);
+    assert_int_equal(strlen(out), at);
+    assert_memory_equal(out, full, at);
+    engine_free(e);
+    dsv4_model_free(m);
+    tok_free(tok);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -595,6 +715,10 @@ int main(void)
         cmocka_unit_test(test_n_choices_and_stops),
         cmocka_unit_test(test_stress_threads),
         cmocka_unit_test(test_tiny_batch_invariance_and_seeds),
+        cmocka_unit_test(test_tiny_stop_strings),
     };
+    const char *filter = getenv("DSV4_TEST_FILTER"); /* e.g. the TSan run: the stress test */
+    if (filter)
+        cmocka_set_test_filter(filter);
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
