@@ -97,6 +97,21 @@ static size_t comp_state_floats(int ratio, int D)
     return (size_t)coff * ratio * coff * D;
 }
 
+size_t dsv4_seq_state_bytes(const struct dsv4_model *m)
+{
+    const struct dsv4_config *c = &m->cfg;
+    size_t n = 0;
+    for (int i = 0; i < c->n_layers + c->n_mtp; i++) {
+        const struct dsv4_layer_spec *sp = &m->sched.layers[i];
+        n += (size_t)c->sliding_window * (size_t)c->head_dim;
+        if (sp->ratio)
+            n += 2 * comp_state_floats(sp->ratio, c->head_dim);
+        if (sp->attn == DSV4_ATTN_CSA)
+            n += 2 * comp_state_floats(sp->ratio, c->index_head_dim);
+    }
+    return n * sizeof(float);
+}
+
 static void release_blocks(struct dsv4_seq_state *s)
 {
     for (int i = 0; i < s->n_blocks; i++)

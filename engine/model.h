@@ -82,6 +82,8 @@ struct dsv4_seq_state {
 int dsv4_seq_state_new(const struct dsv4_model *m, struct dsv4_kv_pool *pool,
                        struct dsv4_seq_state **out);
 void dsv4_seq_state_free(struct dsv4_seq_state *s);
+/* Bytes of one sequence's fixed state (window rings + compressor states, all layers). */
+size_t dsv4_seq_state_bytes(const struct dsv4_model *m);
 /* Forget everything (position 0): blocks go back to the pool, the fixed state is cleared. */
 void dsv4_seq_state_reset(const struct dsv4_model *m, struct dsv4_seq_state *s);
 /* Have blocks for `tokens` tokens; ERR_BUSY (nothing changed) when the pool is short. */

@@ -65,8 +65,8 @@ int main(int argc, char **argv)
         json_array_foreach(texts, i, v)
         {
             ids.n = 0;
-            if (tok_encode(tok, json_string_value(v), json_string_length(v), TOK_ENC_ADDED,
-                           &ids) < 0) {
+            if (tok_encode(tok, json_string_value(v), json_string_length(v), TOK_ENC_ADDED, &ids) <
+                0) {
                 fprintf(stderr, "bench_tokenizer: %s\n", err_msg());
                 return 1;
             }
