@@ -331,6 +331,26 @@ static void *xalloc(size_t n, int *fail)
     return p;
 }
 
+/*
+ * The entry of a sub-layer: R (T, n, d) = X (the residual streams kept for hc_post), then per row
+ * hc_pre (collapsed input, post gates, Sinkhorn mixing) and the sub-layer's RMSNorm into x (T, d).
+ */
+static void sublayer_in(const struct dsv4_model *m, const struct dsv4_hc_w *hc, const float *norm,
+                        const float *X, int T, float *R, float *x, float *post, float *comb)
+{
+    const struct dsv4_config *c = &m->cfg;
+    const int d = c->hidden_size, n = c->hc_mult;
+    const float eps = (float)c->rms_norm_eps;
+    memcpy(R, X, sizeof(float) * (size_t)T * n * d);
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < T; t++) {
+        cpu_hc_pre(R + (size_t)t * n * d, n, d, hc->fn, hc->base, hc->scale, c->hc_sinkhorn_iters,
+                   (float)c->hc_eps, eps, x + (size_t)t * d, post + (size_t)t * n,
+                   comb + (size_t)t * n * n);
+        cpu_rmsnorm(x + (size_t)t * d, norm, d, eps, x + (size_t)t * d);
+    }
+}
+
 /* Compress one sequence's chunk through a compressor: a, z (T, coff*D) projections of all rows. */
 static int compress_chunk(const struct dsv4_model *m, int li, const struct dsv4_compressor_w *cw,
                           float *kv_state, float *sc_state, const struct chunk *ch, const float *a,
@@ -412,16 +432,7 @@ static int attention_sublayer(struct dsv4_model *m, int li, float *X, int T,
         rc = err_setf(ERR_NOMEM, "forward: out of memory (layer %d, %d rows)", li, T);
         goto out;
     }
-    memcpy(R, X, sizeof(float) * (size_t)T * n * d);
-
-    /* mHC pre + attn_norm */
-#pragma omp parallel for schedule(static)
-    for (int t = 0; t < T; t++) {
-        cpu_hc_pre(R + (size_t)t * n * d, n, d, lw->hc_attn.fn, lw->hc_attn.base,
-                   lw->hc_attn.scale, c->hc_sinkhorn_iters, (float)c->hc_eps, eps,
-                   x + (size_t)t * d, post + (size_t)t * n, comb + (size_t)t * n * n);
-        cpu_rmsnorm(x + (size_t)t * d, lw->attn_norm, d, eps, x + (size_t)t * d);
-    }
+    sublayer_in(m, &lw->hc_attn, lw->attn_norm, X, T, R, x, post, comb);
     /* compressor projections use x unquantised (FP32 in the reference) */
     if (sp->ratio) {
         cpu_linear(&lw->comp.wkv, x, T, ca);
@@ -619,7 +630,7 @@ static int moe_sublayer(struct dsv4_model *m, int li, float *X, int T, const int
     const struct dsv4_layer_spec *sp = &m->sched.layers[li];
     const int d = c->hidden_size, n = c->hc_mult, E = c->n_routed_experts;
     const int K = c->n_experts_per_tok, I = c->moe_inter;
-    const float eps = (float)c->rms_norm_eps, limit = (float)c->swiglu_limit;
+    const float limit = (float)c->swiglu_limit;
     int fail = 0, rc = 0;
     float *x = xalloc(sizeof(float) * (size_t)T * d, &fail);
     float *post = xalloc(sizeof(float) * (size_t)T * n, &fail);
@@ -639,14 +650,7 @@ static int moe_sublayer(struct dsv4_model *m, int li, float *X, int T, const int
         rc = err_setf(ERR_NOMEM, "forward: out of memory (moe layer %d, %d rows)", li, T);
         goto out;
     }
-    memcpy(R, X, sizeof(float) * (size_t)T * n * d);
-#pragma omp parallel for schedule(static)
-    for (int t = 0; t < T; t++) {
-        cpu_hc_pre(R + (size_t)t * n * d, n, d, lw->hc_ffn.fn, lw->hc_ffn.base, lw->hc_ffn.scale,
-                   c->hc_sinkhorn_iters, (float)c->hc_eps, eps, x + (size_t)t * d,
-                   post + (size_t)t * n, comb + (size_t)t * n * n);
-        cpu_rmsnorm(x + (size_t)t * d, lw->ffn_norm, d, eps, x + (size_t)t * d);
-    }
+    sublayer_in(m, &lw->hc_ffn, lw->ffn_norm, X, T, R, x, post, comb);
     /* router: gate in FP32 */
     cpu_linear(&lw->gate, x, T, logits);
     for (int t = 0; t < T; t++) {
