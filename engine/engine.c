@@ -44,6 +44,7 @@ struct seq {
 
 struct engine_req {
     atomic_int refs;
+    atomic_int *live;          /* the engine's live-request counter */
     atomic_int cancel;
     struct engine *e;
     struct engine_params p;    /* pointer fields point at the copies below */
@@ -96,6 +97,7 @@ struct engine {
     atomic_long st_usage_ppm;
     atomic_long st_prompt_tokens, st_gen_tokens, st_preempt, st_steps;
     atomic_int st_failed;
+    atomic_int live;           /* requests allocated and not yet freed */
 };
 
 static double now_s(void)
@@ -109,6 +111,8 @@ static double now_s(void)
 
 static void req_free(struct engine_req *r)
 {
+    if (r->live)
+        atomic_fetch_sub(r->live, 1);
     for (int i = 0; i < r->ev_count; i++)
         engine_event_clear(&r->ev[(r->ev_head + i) % r->ev_cap]);
     free(r->ev);
@@ -356,6 +360,8 @@ int engine_submit(struct engine *e, const struct engine_params *p, struct engine
         return err_setf(ERR_BUSY, "the engine is stopping");
     }
     r->arrival = e->next_arrival++;
+    r->live = &e->live;
+    atomic_fetch_add(&e->live, 1);
     if (e->sub_tail)
         e->sub_tail->next = r;
     else
@@ -700,18 +706,18 @@ static int accept_token(struct engine *e, struct seq *s, int32_t tok, float lp, 
         }
         ev.text = malloc(release + 1);
         if (ev.text) {
-            memcpy(ev.text, s->held.s ? s->held.s : "", release);
+            if (release)
+                memcpy(ev.text, s->held.s, release);
             ev.text[release] = 0;
             ev.text_len = release;
         }
         if (matched) {
             tbuf_clear(&s->held);
-        } else {
+        } else if (s->held.s) { /* an empty buffer may have no storage yet */
             size_t rest = s->held.len - release;
             memmove(s->held.s, s->held.s + release, rest);
             s->held.len = rest;
-            if (s->held.s)
-                s->held.s[rest] = 0;
+            s->held.s[rest] = 0;
         }
     }
     push_event(r, &ev, 0);
@@ -1032,6 +1038,7 @@ void engine_get_stats(const struct engine *ec, struct engine_stats *s)
     s->preemptions_total = atomic_load(&e->st_preempt);
     s->steps_total = atomic_load(&e->st_steps);
     s->failed = atomic_load(&e->st_failed);
+    s->live_requests = atomic_load(&e->live);
     s->max_num_seqs = e->cfg.max_num_seqs;
     s->n_blocks = e->cfg.n_blocks;
     s->block_bytes = e->be ? e->be->block_bytes : 0;

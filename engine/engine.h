@@ -167,6 +167,7 @@ struct engine_stats {
     long preemptions_total;
     long steps_total;
     int failed;                 /* the backend failed; the engine refuses new work */
+    int live_requests;          /* request handles not yet freed (consumer or engine holds one) */
     int max_num_seqs, n_blocks;
     size_t block_bytes;         /* bytes of one 128-token block */
     size_t state_bytes;         /* bytes of one sequence's fixed state */

@@ -1,5 +1,5 @@
 /*
- * cli_model.c - the model subcommands: serve (until the HTTP server lands), schedule,
+ * cli_model.c - the model subcommands: schedule,
  * export-tiny, generate. Each returns the exit status.
  */
 #include <getopt.h>
@@ -13,14 +13,6 @@
 #include "engine/schedule.h"
 #include "engine/tiny.h"
 #include "server/cli.h"
-
-int cli_serve(int argc, char **argv)
-{
-    (void)argc;
-    (void)argv;
-    fprintf(stderr, "dsv4d serve: the HTTP server is not built yet (issue 5); use `dsv4d generate`\n");
-    return 1;
-}
 
 /* Load only the config of MODEL (a directory or builtin:...). */
 static int load_config(const char *model, struct dsv4_config *c)

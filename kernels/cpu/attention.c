@@ -3,6 +3,7 @@
  * one softmax over the given keys plus the sink, which adds only to the denominator.
  */
 #include "kernels/cpu/cpu.h"
+#include "kernels/cpu/dmath.h"
 
 #include <math.h>
 
@@ -17,11 +18,11 @@ void cpu_sink_attention(const float *q, int H, int D, const float *const *keys, 
             work[j] = scale * cpu_dot(qh, keys[j], D);
             mx = fmaxf(mx, work[j]);
         }
-        float den = expf(sinks[h] - mx);
+        float den = cpu_expf(sinks[h] - mx);
         for (int c = 0; c < D; c++)
             oh[c] = 0;
         for (int j = 0; j < nk; j++) {
-            float p = expf(work[j] - mx);
+            float p = cpu_expf(work[j] - mx);
             den += p;
             const float *k = keys[j];
             for (int c = 0; c < D; c++)

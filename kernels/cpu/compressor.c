@@ -8,6 +8,7 @@
  * its tokens were batched.
  */
 #include "kernels/cpu/cpu.h"
+#include "kernels/cpu/dmath.h"
 
 #include <math.h>
 #include <string.h>
@@ -42,7 +43,7 @@ int cpu_compressor_push(float *kv, float *score, int ratio, int D, int overlap, 
         float den = 0, num = 0;
         for (int r = 0; r < nrows; r++) {
             int col = (overlap && r >= ratio) ? D + c : c;
-            float p = expf(score[(size_t)r * cols + col] - mx);
+            float p = cpu_expf(score[(size_t)r * cols + col] - mx);
             den += p;
             num += p * kv[(size_t)r * cols + col];
         }

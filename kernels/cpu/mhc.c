@@ -4,6 +4,7 @@
  * All FP32 (the reference computes mHC in FP32).
  */
 #include "kernels/cpu/cpu.h"
+#include "kernels/cpu/dmath.h"
 
 #include <math.h>
 
@@ -11,7 +12,7 @@
 
 static float sigmoidf(float x)
 {
-    return 1.0f / (1.0f + expf(-x));
+    return 1.0f / (1.0f + cpu_expf(-x));
 }
 
 /* mix (nmix) = fn (nmix, n*d) . rmsnorm(X) */
@@ -47,7 +48,7 @@ void cpu_hc_pre(const float *X, int n, int d, const float *fn, const float *base
             mx = fmaxf(mx, row[k]);
         }
         for (int k = 0; k < n; k++) {
-            row[k] = expf(row[k] - mx);
+            row[k] = cpu_expf(row[k] - mx);
             sum += row[k];
         }
         for (int k = 0; k < n; k++)

@@ -4,12 +4,13 @@
  * projection, as the reference defines it.
  */
 #include "kernels/cpu/cpu.h"
+#include "kernels/cpu/dmath.h"
 
 #include <math.h>
 
 float cpu_sqrt_softplus(float x)
 {
-    float sp = x > 20.0f ? x : log1pf(expf(x));
+    float sp = x > 20.0f ? x : cpu_log1pf(cpu_expf(x));
     return sqrtf(sp);
 }
 
@@ -54,6 +55,6 @@ void cpu_swiglu_clamp(const float *g, const float *u, int n, float limit, float 
     for (int i = 0; i < n; i++) {
         float gi = fminf(g[i], limit);
         float ui = fminf(fmaxf(u[i], -limit), limit);
-        h[i] = w * (gi / (1.0f + expf(-gi))) * ui;
+        h[i] = w * (gi / (1.0f + cpu_expf(-gi))) * ui;
     }
 }

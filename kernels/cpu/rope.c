@@ -3,6 +3,7 @@
  * correction of the compressed layers (no attention-temperature factor: DSV4 applies none).
  */
 #include "kernels/cpu/cpu.h"
+#include "kernels/cpu/dmath.h"
 
 #include <math.h>
 
@@ -43,7 +44,7 @@ void cpu_rope(float *x, int rope_dim, const float *inv_freq, long pos, int inver
 {
     for (int i = 0; i < rope_dim / 2; i++) {
         float ang = (float)pos * inv_freq[i]; /* FP32 like the reference */
-        float c = cosf(ang), s = sinf(ang);
+        float c = cpu_cosf(ang), s = cpu_sinf(ang);
         if (inverse)
             s = -s;
         float a = x[2 * i], b = x[2 * i + 1];

@@ -506,7 +506,7 @@ static void test_stress_threads(void **state)
     for (int spins = 0; spins < 2000; spins++) { /* released handles are reaped at the next step */
         struct engine_stats st;
         engine_get_stats(e, &st);
-        if (st.running == 0 && st.waiting == 0 && f->blocks_used == 0)
+        if (st.running == 0 && st.waiting == 0 && f->blocks_used == 0 && st.live_requests == 0)
             break;
         usleep(1000);
     }
@@ -515,6 +515,7 @@ static void test_stress_threads(void **state)
     assert_int_equal(st.running, 0);
     assert_int_equal(st.waiting, 0);
     assert_int_equal(f->blocks_used, 0);
+    assert_int_equal(st.live_requests, 0); /* every handle freed exactly once */
     engine_free(e);
 }
 

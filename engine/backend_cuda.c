@@ -1,0 +1,1064 @@
+/*
+ * backend_cuda.c - the GPU backend: the walk of engine/model.c over the CUDA kernels of
+ * kernels/kernels.h, on one stream.
+ *
+ * Memory (all device allocations are made at creation, except the step scratch, which grows):
+ *   - weights: one allocation holding every tensor the main layers use, uploaded as stored
+ *     (FP8 + block scales, BF16, MXFP4, FP32 vectors; tid2eid as int32), and the per-expert
+ *     matrix descriptors;
+ *   - cache pool: one allocation: n_slots fixed states (per layer: the window ring and the
+ *     compressor states, FP32) followed by n_blocks blocks of DSV4_BLOCK_TOKENS tokens (per
+ *     compressed layer its entries and indexer keys, FP32, the layout of engine/kvcache.c);
+ *     blocks are addressed through per-sequence block tables kept on the host and sent with
+ *     each step;
+ *   - scratch: the activations of one step (sized for the step's rows) and the logits rows.
+ * A step sends its batch description (one host-to-device copy from pinned memory), enqueues
+ * every kernel, copies the wanted logits rows back and synchronises once.
+ *
+ * The MTP block is not run by the backend interface and is not uploaded. Sampling stays on the
+ * host (the engine samples from the returned logits).
+ */
+#include "engine/backend_cuda.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine/err.h"
+#include "engine/kvcache.h"
+#include "engine/model.h"
+#include "kernels/cpu/nvfp4.h"
+#include "kernels/kernels.h"
+
+/* ---- device weights ---- */
+
+struct dev_hc {
+    const float *fn, *base, *scale; /* ((2+n)n, n*d), ((2+n)n), (3); head: (n, n*d), (n), (1) */
+};
+
+struct dev_comp {
+    struct kern_qmat wkv, wgate; /* (coff*D, d) */
+    const float *ape;            /* (ratio, coff*D) */
+    const float *norm;           /* (D) */
+    int D, overlap;
+};
+
+struct dev_layer {
+    const struct dsv4_layer_spec *spec;
+    const float *attn_norm, *ffn_norm; /* (d) */
+    struct dev_hc hc_attn, hc_ffn;
+    struct kern_qmat wq_a, wq_b, wkv, wo_a, wo_b;
+    const float *q_norm;    /* (q_lora) */
+    const float *kv_norm;   /* (hd) */
+    const float *attn_sink; /* (H) */
+    struct dev_comp comp, icomp;
+    struct kern_qmat idx_wq_b, idx_wproj, gate;
+    const float *gate_bias;  /* (E) dense router, else NULL */
+    const int32_t *tid2eid;  /* (V, K) hash router, else NULL */
+    const struct kern_qmat *w1, *w2, *w3; /* (E) descriptors (device) */
+    int exp_fmt;
+    struct kern_qmat sh_w1, sh_w2, sh_w3;
+    int has_shared;
+    struct kern_moe_layer moe; /* the fused NVFP4 MoE (cuda_impl.nvfp4), device pointers */
+    struct kern_layer_cache cache;
+};
+
+/* ---- host-side block accounting (the same rules as engine/kvcache.c) ---- */
+
+struct cuda_slot {
+    long pos;
+    int32_t *blocks; /* block table (n_blocks), owned */
+    int n_blocks, cap;
+};
+
+/* ---- step scratch (device), carved for T rows ---- */
+
+struct scratch {
+    float *X, *X2;             /* (T, n, d) residual streams (current, next) */
+    float *x, *xq;             /* (T, d) normed input, its FP8 round trip */
+    float *post, *comb;        /* (T, n), (T, n, n) */
+    float *qlat, *qlat_q;      /* (T, ql) */
+    float *q, *o;              /* (T, H, hd) */
+    float *kv;                 /* (T, hd) */
+    float *zo, *zo_q;          /* (T, g*dg) */
+    float *out;                /* (T, d) sub-layer output */
+    float *ca, *cz;            /* (T, 2hd) compressor projections */
+    float *ia, *iz;            /* (T, 2Di) indexer compressor projections */
+    float *qi;                 /* (T, Hi, Di) */
+    float *wi;                 /* (T, Hi) */
+    int32_t *sel;              /* (T, topk) */
+    float *scores;             /* (T, 2 * ld) indexer workspace */
+    float *mlog;               /* (T, E) router logits */
+    int32_t *idx;              /* (T, K) */
+    float *wts;                /* (T, K) */
+    float *g, *u;              /* (T*K, I) */
+    float *ys;                 /* (T*K, d) */
+    float *sg, *su;            /* (T, I) shared expert */
+    float *so;                 /* (T, d) shared expert output */
+    float *y;                  /* (T, d) head input */
+    void *moe_ws;              /* kern_moe_forward workspace (nvfp4 path) */
+};
+
+struct cuda_impl {
+    struct dsv4_model *m;     /* borrowed */
+    struct CUstream_st *stream;
+    int quant;                /* model numerics: the FP8/FP4 round trips */
+    int nvfp4;                /* MoE through kern_moe_forward (experts converted to NVFP4) */
+    struct nvfp4_report rep;  /* the MXFP4 -> NVFP4 conversion report */
+    /* weights */
+    void *wmem;               /* owned device allocation */
+    size_t wbytes;
+    struct kern_qmat embed, head;
+    const float *norm;        /* (d) */
+    struct dev_hc hc_head;
+    const float *inv_main, *inv_comp; /* (rope_dim/2) */
+    struct dev_layer *layers; /* (n_layers), owned */
+    /* cache pool */
+    void *cmem;               /* owned device allocation */
+    size_t cbytes;
+    struct kern_cache cache;
+    int32_t *refs, *free_list; /* (n_blocks) owned */
+    int n_free;
+    struct cuda_slot *slots;  /* (n_slots) owned */
+    /* step */
+    void *meta_h, *meta_d;    /* pinned host / device batch description, owned */
+    size_t meta_cap;
+    void *smem;               /* owned scratch */
+    size_t smem_bytes, moe_ws_bytes;
+    int T_cap, ld_cap;
+    struct scratch s;
+    float *logits_d;          /* (n_slots, V) owned */
+};
+
+/* ---- the weight uploader: pass 0 sizes, pass 1 copies ---- */
+
+struct uploader {
+    int pass;
+    char *base; /* device (pass 1) */
+    size_t off;
+    int rc;
+};
+
+static const void *up(struct uploader *u, const void *host, size_t n)
+{
+    size_t at = u->off;
+    u->off += (n + 255) & ~(size_t)255;
+    if (u->pass == 0 || u->rc || !n)
+        return NULL;
+    if ((u->rc = kern_h2d(u->base + at, host, n)))
+        err_setf(ERR_CUDA, "cuda backend: upload of %zu bytes failed: %s", n, kern_last_error());
+    return u->base + at;
+}
+
+/* Reserve n bytes (device address in pass 1, NULL in pass 0); fill with up_at. */
+static void *up_reserve(struct uploader *u, size_t n)
+{
+    size_t at = u->off;
+    u->off += (n + 255) & ~(size_t)255;
+    return u->pass == 0 ? NULL : u->base + at;
+}
+
+static void up_at(struct uploader *u, void *dev, const void *host, size_t n)
+{
+    if (u->pass == 0 || u->rc || !n)
+        return;
+    if ((u->rc = kern_h2d(dev, host, n)))
+        err_setf(ERR_CUDA, "cuda backend: upload of %zu bytes failed: %s", n, kern_last_error());
+}
+
+static const float *up_f32(struct uploader *u, const float *v, size_t n)
+{
+    return v ? up(u, v, n * sizeof(float)) : NULL;
+}
+
+static size_t qmat_wbytes(const struct cpu_qmat *q)
+{
+    size_t n = (size_t)q->rows * (size_t)q->cols;
+    switch (q->fmt) {
+    case CPU_W_F32: return n * 4;
+    case CPU_W_BF16: return n * 2;
+    case CPU_W_FP8: return n;
+    case CPU_W_MXFP4: return n / 2;
+    }
+    return 0;
+}
+
+static size_t qmat_sbytes(const struct cpu_qmat *q)
+{
+    if (q->fmt == CPU_W_FP8)
+        return (size_t)((q->rows + 127) / 128) * (size_t)((q->cols + 127) / 128) *
+               (q->scale_f32 ? 4 : 1);
+    if (q->fmt == CPU_W_MXFP4)
+        return (size_t)q->rows * (size_t)(q->cols / 32);
+    return 0;
+}
+
+static struct kern_qmat up_qmat(struct uploader *u, const struct cpu_qmat *q)
+{
+    struct kern_qmat k = {(int)q->fmt, q->rows, q->cols, q->scale_f32, NULL, NULL};
+    if (!q->w)
+        return k;
+    k.w = up(u, q->w, qmat_wbytes(q));
+    if (qmat_sbytes(q))
+        k.scale = up(u, q->scale, qmat_sbytes(q));
+    return k;
+}
+
+static struct dev_hc up_hc(struct uploader *u, const struct dsv4_hc_w *h, int nmix, int n, int d,
+                           int nscale)
+{
+    struct dev_hc r;
+    r.fn = up_f32(u, h->fn, (size_t)nmix * n * d);
+    r.base = up_f32(u, h->base, (size_t)nmix);
+    r.scale = up_f32(u, h->scale, (size_t)nscale);
+    return r;
+}
+
+static struct dev_comp up_comp(struct uploader *u, const struct dsv4_compressor_w *cw)
+{
+    struct dev_comp r;
+    int width = (cw->overlap ? 2 : 1) * cw->D;
+    r.wkv = up_qmat(u, &cw->wkv);
+    r.wgate = up_qmat(u, &cw->wgate);
+    r.ape = up_f32(u, cw->ape, (size_t)cw->ratio * width);
+    r.norm = up_f32(u, cw->norm, (size_t)cw->D);
+    r.D = cw->D;
+    r.overlap = cw->overlap;
+    return r;
+}
+
+/* E expert matrices and their descriptor array. */
+static const struct kern_qmat *up_experts(struct uploader *u, const struct cpu_qmat *w, int E,
+                                          struct kern_qmat *tmp)
+{
+    for (int e = 0; e < E; e++)
+        tmp[e] = up_qmat(u, &w[e]);
+    return up(u, tmp, sizeof(struct kern_qmat) * (size_t)E);
+}
+
+/*
+ * Can the fused NVFP4 MoE kernels serve this model? MXFP4 experts (converted exactly, or with the
+ * least-error window, at load), a BF16 gate, FP8 (or no) shared expert, and the kernels' shape
+ * limits (moe_route.cu / moe_nvfp4.cu). DSV4_CUDA_MOE=exact forces the exact path.
+ */
+static int nvfp4_usable(const struct dsv4_model *m)
+{
+    const struct dsv4_config *c = &m->cfg;
+    const char *env = getenv("DSV4_CUDA_MOE");
+    if (env && !strcmp(env, "exact"))
+        return 0;
+    if (c->expert_fmt != DSV4_WFMT_MXFP4 || c->hidden_size % 256 || c->moe_inter % 256 ||
+        c->n_routed_experts % 64 || c->n_routed_experts > 512 || c->n_experts_per_tok > 32)
+        return 0;
+    if (c->n_shared_experts > 0 && c->linear_fmt != DSV4_WFMT_FP8_BLOCK)
+        return 0;
+    return 1;
+}
+
+/* One layer's MoE for kern_moe_forward: experts MXFP4 -> NVFP4, packed; shared expert packed
+ * FP8; router views into the already uploaded gate / bias / tid2eid. */
+static int up_moe_nvfp4(struct cuda_impl *ci, struct uploader *u, const struct dsv4_layer_w *lw,
+                        struct dev_layer *L)
+{
+    const struct dsv4_config *c = &ci->m->cfg;
+    const int d = c->hidden_size, I = c->moe_inter, E = c->n_routed_experts;
+    const size_t b13 = kern_nvfp4_data_bytes(2 * I, d), s13 = kern_nvfp4_scale_bytes(2 * I, d);
+    const size_t b2 = kern_nvfp4_data_bytes(d, I), s2b = kern_nvfp4_scale_bytes(d, I);
+    struct kern_moe_layer *M = &L->moe;
+    uint8_t *d13 = up_reserve(u, b13 * E), *ds13 = up_reserve(u, s13 * E);
+    uint8_t *d2 = up_reserve(u, b2 * E), *ds2 = up_reserve(u, s2b * E);
+    float *da13 = up_reserve(u, sizeof(float) * 2 * E), *da2 = up_reserve(u, sizeof(float) * E);
+    const size_t f13n = kern_fp8_factor_count(2 * I, d), f2n = kern_fp8_factor_count(d, I);
+    uint8_t *q13 = NULL, *q2 = NULL;
+    uint16_t *g13 = NULL, *g2 = NULL;
+    if (lw->has_shared) {
+        q13 = up_reserve(u, kern_fp8_data_bytes(2 * I, d));
+        q2 = up_reserve(u, kern_fp8_data_bytes(d, I));
+        g13 = up_reserve(u, 2 * f13n);
+        g2 = up_reserve(u, 2 * f2n);
+    }
+    memset(M, 0, sizeof *M);
+    M->d = d, M->I = I, M->E = E, M->K = c->n_experts_per_tok;
+    M->route_scale = (float)c->routed_scaling_factor;
+    M->swiglu_limit = (float)c->swiglu_limit;
+    M->gate_w = L->gate.w;
+    M->gate_bias = L->gate_bias;
+    M->tid2eid = L->tid2eid;
+    M->vocab = c->vocab_size;
+    M->w13 = d13, M->w13_s = ds13, M->w2 = d2, M->w2_s = ds2, M->alpha13 = da13, M->alpha2 = da2;
+    M->sh13 = q13, M->sh2 = q2, M->sh13_f = g13, M->sh2_f = g2;
+    if (u->pass == 0)
+        return 0;
+    int rc = 0;
+    struct nvfp4_mat g = {0}, up_ = {0}, dn = {0};
+    uint8_t *h13 = malloc(b13), *hs13 = malloc(s13), *h2 = malloc(b2), *hs2 = malloc(s2b);
+    float *a13 = malloc(sizeof(float) * 2 * E), *a2 = malloc(sizeof(float) * E);
+    if (!h13 || !hs13 || !h2 || !hs2 || !a13 || !a2 || nvfp4_mat_init(&g, I, d) ||
+        nvfp4_mat_init(&up_, I, d) || nvfp4_mat_init(&dn, d, I)) {
+        rc = err_setf(ERR_NOMEM, "cuda backend: out of memory converting experts");
+        goto out;
+    }
+    for (int e = 0; e < E && !rc && !u->rc; e++) {
+        if ((rc = nvfp4_from_mxfp4(lw->w1[e].w, lw->w1[e].scale, &g, &ci->rep)) ||
+            (rc = nvfp4_from_mxfp4(lw->w3[e].w, lw->w3[e].scale, &up_, &ci->rep)) ||
+            (rc = nvfp4_from_mxfp4(lw->w2[e].w, lw->w2[e].scale, &dn, &ci->rep)) ||
+            (rc = kern_nvfp4_pack_gateup(g.q, g.s, up_.q, up_.s, I, d, h13, hs13)) ||
+            (rc = kern_nvfp4_pack(dn.q, dn.s, d, I, h2, hs2))) {
+            rc = err_setf(rc, "cuda backend: expert %d: NVFP4 conversion failed (%s)", e,
+                          err_str(rc));
+            break;
+        }
+        a13[2 * e] = kern_nvfp4_alpha(g.s2);
+        a13[2 * e + 1] = kern_nvfp4_alpha(up_.s2);
+        a2[e] = kern_nvfp4_alpha(dn.s2);
+        up_at(u, d13 + b13 * e, h13, b13);
+        up_at(u, ds13 + s13 * e, hs13, s13);
+        up_at(u, d2 + b2 * e, h2, b2);
+        up_at(u, ds2 + s2b * e, hs2, s2b);
+    }
+    up_at(u, da13, a13, sizeof(float) * 2 * E);
+    up_at(u, da2, a2, sizeof(float) * E);
+    if (!rc && lw->has_shared) {
+        uint8_t *p13 = malloc(kern_fp8_data_bytes(2 * I, d)), *p2 = malloc(kern_fp8_data_bytes(d, I));
+        uint16_t *f13 = malloc(2 * f13n), *f2 = malloc(2 * f2n);
+        if (!p13 || !p2 || !f13 || !f2)
+            rc = err_setf(ERR_NOMEM, "cuda backend: out of memory packing the shared expert");
+        if (!rc && ((rc = kern_fp8_pack_gateup(lw->sh_w1.w, lw->sh_w1.scale, lw->sh_w3.w,
+                                                lw->sh_w3.scale, lw->sh_w1.scale_f32, I, d, p13,
+                                                f13, M->sh_alpha13)) ||
+                    (rc = kern_fp8_pack(lw->sh_w2.w, lw->sh_w2.scale, lw->sh_w2.scale_f32, d, I, p2,
+                                        f2, &M->sh_alpha2))))
+            rc = err_setf(rc, "cuda backend: shared expert: FP8 packing failed (%s)", err_str(rc));
+        if (!rc) {
+            up_at(u, q13, p13, kern_fp8_data_bytes(2 * I, d));
+            up_at(u, q2, p2, kern_fp8_data_bytes(d, I));
+            up_at(u, g13, f13, 2 * f13n);
+            up_at(u, g2, f2, 2 * f2n);
+        }
+        free(p13), free(p2), free(f13), free(f2);
+    }
+out:
+    nvfp4_mat_free(&g), nvfp4_mat_free(&up_), nvfp4_mat_free(&dn);
+    free(h13), free(hs13), free(h2), free(hs2), free(a13), free(a2);
+    return rc ? rc : u->rc;
+}
+
+static int upload_weights(struct cuda_impl *ci, struct uploader *u)
+{
+    const struct dsv4_model *m = ci->m;
+    const struct dsv4_config *c = &m->cfg;
+    const struct dsv4_weights *w = &m->w;
+    const int d = c->hidden_size, n = c->hc_mult, E = c->n_routed_experts;
+    const int K = c->n_experts_per_tok, nmix = (2 + n) * n;
+    struct kern_qmat *tmp = malloc(sizeof *tmp * (size_t)E);
+    int32_t *t2e = NULL;
+    if (!tmp)
+        return err_setf(ERR_NOMEM, "cuda backend: out of memory");
+    ci->embed = up_qmat(u, &w->embed);
+    ci->head = up_qmat(u, &w->head);
+    ci->norm = up_f32(u, w->norm, (size_t)d);
+    ci->hc_head = up_hc(u, &w->hc_head, n, n, d, 1);
+    ci->inv_main = up_f32(u, m->inv_freq_main, (size_t)c->rope_dim / 2);
+    ci->inv_comp = up_f32(u, m->inv_freq_compress, (size_t)c->rope_dim / 2);
+    for (int li = 0; li < c->n_layers && !u->rc; li++) {
+        const struct dsv4_layer_w *lw = &w->layers[li];
+        const struct dsv4_layer_spec *sp = &m->sched.layers[li];
+        struct dev_layer *L = &ci->layers[li];
+        L->spec = sp;
+        L->attn_norm = up_f32(u, lw->attn_norm, (size_t)d);
+        L->ffn_norm = up_f32(u, lw->ffn_norm, (size_t)d);
+        L->hc_attn = up_hc(u, &lw->hc_attn, nmix, n, d, 3);
+        L->hc_ffn = up_hc(u, &lw->hc_ffn, nmix, n, d, 3);
+        L->wq_a = up_qmat(u, &lw->wq_a);
+        L->q_norm = up_f32(u, lw->q_norm, (size_t)c->q_lora_rank);
+        L->wq_b = up_qmat(u, &lw->wq_b);
+        L->wkv = up_qmat(u, &lw->wkv);
+        L->kv_norm = up_f32(u, lw->kv_norm, (size_t)c->head_dim);
+        L->wo_a = up_qmat(u, &lw->wo_a);
+        L->wo_b = up_qmat(u, &lw->wo_b);
+        L->attn_sink = up_f32(u, lw->attn_sink, (size_t)c->n_heads);
+        if (sp->ratio)
+            L->comp = up_comp(u, &lw->comp);
+        if (sp->attn == DSV4_ATTN_CSA) {
+            L->icomp = up_comp(u, &lw->icomp);
+            L->idx_wq_b = up_qmat(u, &lw->idx_wq_b);
+            L->idx_wproj = up_qmat(u, &lw->idx_wproj);
+        }
+        L->gate = up_qmat(u, &lw->gate);
+        L->gate_bias = NULL;
+        L->tid2eid = NULL;
+        if (sp->router == DSV4_ROUTER_HASH) {
+            if (!t2e && !(t2e = malloc(sizeof *t2e * (size_t)c->vocab_size * (size_t)K))) {
+                free(tmp);
+                return err_setf(ERR_NOMEM, "cuda backend: out of memory");
+            }
+            if (u->pass)
+                for (int v = 0; v < c->vocab_size; v++)
+                    for (int j = 0; j < K; j++)
+                        t2e[(size_t)v * K + j] = (int32_t)dsv4_tid2eid(lw, v, K, j);
+            L->tid2eid = up(u, t2e, sizeof *t2e * (size_t)c->vocab_size * (size_t)K);
+        } else {
+            L->gate_bias = up_f32(u, lw->gate_bias, (size_t)E);
+        }
+        L->exp_fmt = (int)lw->w1[0].fmt;
+        L->has_shared = lw->has_shared;
+        if (ci->nvfp4) {
+            int rc = up_moe_nvfp4(ci, u, lw, L);
+            if (rc) {
+                free(tmp);
+                free(t2e);
+                return rc;
+            }
+            continue;
+        }
+        L->w1 = up_experts(u, lw->w1, E, tmp);
+        L->w2 = up_experts(u, lw->w2, E, tmp);
+        L->w3 = up_experts(u, lw->w3, E, tmp);
+        if (lw->has_shared) {
+            L->sh_w1 = up_qmat(u, &lw->sh_w1);
+            L->sh_w2 = up_qmat(u, &lw->sh_w2);
+            L->sh_w3 = up_qmat(u, &lw->sh_w3);
+        }
+    }
+    free(tmp);
+    free(t2e);
+    return u->rc;
+}
+
+/* ---- cache layout ---- */
+
+static size_t comp_state_floats(int ratio, int D)
+{
+    int coff = ratio == 4 ? 2 : 1;
+    return (size_t)coff * ratio * coff * D;
+}
+
+/* Fill each layer's cache offsets; returns floats per slot and per block. */
+static void cache_layout(struct cuda_impl *ci, size_t *slot_floats, size_t *block_floats)
+{
+    const struct dsv4_config *c = &ci->m->cfg;
+    size_t so = 0, bo = 0;
+    for (int li = 0; li < c->n_layers; li++) {
+        const struct dsv4_layer_spec *sp = &ci->m->sched.layers[li];
+        struct kern_layer_cache *l = &ci->layers[li].cache;
+        memset(l, 0, sizeof *l);
+        l->ratio = sp->ratio;
+        l->win = so;
+        so += (size_t)c->sliding_window * c->head_dim;
+        if (sp->ratio) {
+            size_t nc = comp_state_floats(sp->ratio, c->head_dim);
+            l->comp_kv = so;
+            l->comp_sc = so + nc;
+            so += 2 * nc;
+            int per = DSV4_BLOCK_TOKENS / sp->ratio;
+            l->blk = bo;
+            bo += (size_t)per * c->head_dim;
+            if (sp->attn == DSV4_ATTN_CSA) {
+                size_t ni = comp_state_floats(sp->ratio, c->index_head_dim);
+                l->icomp_kv = so;
+                l->icomp_sc = so + ni;
+                so += 2 * ni;
+                l->blk_i = bo;
+                bo += (size_t)per * c->index_head_dim;
+            }
+        }
+    }
+    *slot_floats = so;
+    *block_floats = bo ? bo : 1;
+}
+
+/* ---- scratch ---- */
+
+static size_t carve(char **p, size_t *off, size_t bytes)
+{
+    size_t at = *off;
+    *off += (bytes + 255) & ~(size_t)255;
+    if (p)
+        *p = NULL;
+    return at;
+}
+
+/* Lay the scratch out for T rows and indexer width ld; base NULL: only size it. */
+static size_t scratch_layout(const struct cuda_impl *ci, int T, int ld, char *base,
+                             struct scratch *s)
+{
+    const struct dsv4_config *c = &ci->m->cfg;
+    const size_t t = (size_t)T, d = c->hidden_size, n = c->hc_mult, H = c->n_heads;
+    const size_t hd = c->head_dim, ql = c->q_lora_rank, go = (size_t)c->o_groups * c->o_lora_rank;
+    const size_t Hi = c->index_n_heads, Di = c->index_head_dim, K = c->n_experts_per_tok;
+    const size_t I = c->moe_inter, E = c->n_routed_experts, F = sizeof(float);
+    size_t off = 0;
+#define CARVE(field, bytes)                                                                        \
+    do {                                                                                           \
+        size_t at_ = carve(NULL, &off, (bytes));                                                   \
+        if (base)                                                                                  \
+            s->field = (void *)(base + at_);                                                       \
+    } while (0)
+    CARVE(X, t * n * d * F);
+    CARVE(X2, t * n * d * F);
+    CARVE(x, t * d * F);
+    CARVE(xq, t * d * F);
+    CARVE(post, t * n * F);
+    CARVE(comb, t * n * n * F);
+    CARVE(qlat, t * ql * F);
+    CARVE(qlat_q, t * ql * F);
+    CARVE(q, t * H * hd * F);
+    CARVE(o, t * H * hd * F);
+    CARVE(kv, t * hd * F);
+    CARVE(zo, t * go * F);
+    CARVE(zo_q, t * go * F);
+    CARVE(out, t * d * F);
+    CARVE(ca, t * 2 * hd * F);
+    CARVE(cz, t * 2 * hd * F);
+    CARVE(ia, t * 2 * Di * F);
+    CARVE(iz, t * 2 * Di * F);
+    CARVE(qi, t * Hi * Di * F);
+    CARVE(wi, t * Hi * F);
+    CARVE(sel, t * (size_t)(c->index_topk > 0 ? c->index_topk : 1) * 4);
+    CARVE(scores, t * 2 * (size_t)ld * F);
+    CARVE(mlog, t * E * F);
+    CARVE(idx, t * K * 4);
+    CARVE(wts, t * K * F);
+    CARVE(g, t * K * I * F);
+    CARVE(u, t * K * I * F);
+    CARVE(ys, t * K * d * F);
+    CARVE(sg, t * I * F);
+    CARVE(su, t * I * F);
+    CARVE(so, t * d * F);
+    CARVE(y, t * d * F);
+    if (ci->nvfp4)
+        CARVE(moe_ws, kern_moe_workspace_bytes(&ci->layers[0].moe, T));
+#undef CARVE
+    return off;
+}
+
+static int scratch_reserve(struct cuda_impl *ci, int T, int ld)
+{
+    if (T <= ci->T_cap && ld <= ci->ld_cap)
+        return 0;
+    int nT = T > ci->T_cap ? (T > 2 * ci->T_cap ? T : 2 * ci->T_cap) : ci->T_cap;
+    int nld = ld > ci->ld_cap ? (ld > 2 * ci->ld_cap ? ld : 2 * ci->ld_cap) : ci->ld_cap;
+    size_t bytes = scratch_layout(ci, nT, nld, NULL, NULL);
+    void *p = NULL;
+    /* the old scratch may still be read by the previous step's kernels */
+    int rc = kern_stream_sync(ci->stream);
+    if (!rc)
+        rc = kern_malloc(&p, bytes);
+    if (rc)
+        return err_setf(ERR_CUDA, "cuda backend: cannot allocate %zu bytes of scratch for %d rows: %s",
+                        bytes, nT, kern_last_error());
+    kern_free(ci->smem);
+    ci->smem = p;
+    ci->smem_bytes = bytes;
+    ci->moe_ws_bytes = ci->nvfp4 ? kern_moe_workspace_bytes(&ci->layers[0].moe, nT) : 0;
+    ci->T_cap = nT;
+    ci->ld_cap = nld;
+    scratch_layout(ci, nT, nld, p, &ci->s);
+    return 0;
+}
+
+/* ---- block accounting ---- */
+
+static void slot_release(struct cuda_impl *ci, struct cuda_slot *s)
+{
+    for (int i = 0; i < s->n_blocks; i++)
+        if (--ci->refs[s->blocks[i]] == 0)
+            ci->free_list[ci->n_free++] = s->blocks[i];
+    s->n_blocks = 0;
+}
+
+static int slot_grow_table(struct cuda_slot *s, int need)
+{
+    if (need <= s->cap)
+        return 0;
+    int cap = s->cap ? s->cap : 8;
+    while (cap < need)
+        cap *= 2;
+    int32_t *nb = realloc(s->blocks, sizeof *nb * (size_t)cap);
+    if (!nb)
+        return err_setf(ERR_NOMEM, "cuda backend: out of memory for a block table");
+    s->blocks = nb;
+    s->cap = cap;
+    return 0;
+}
+
+static int32_t block_take(struct cuda_impl *ci)
+{
+    int32_t b = ci->free_list[--ci->n_free];
+    ci->refs[b] = 1;
+    return b;
+}
+
+/* ---- the walk ---- */
+
+#define TRY(call)                                                                                  \
+    do {                                                                                           \
+        if ((rc = (call)))                                                                         \
+            goto fail;                                                                             \
+    } while (0)
+
+/* The message of a failed launch (kernel entry points return codes without messages). */
+static int kfail(int rc, const char *what, int li, int T)
+{
+    if (rc == ERR_BUSY || rc == ERR_NOMEM)
+        return rc; /* the message is set */
+    char layer[32] = "";
+    if (li >= 0)
+        snprintf(layer, sizeof layer, " of layer %d", li);
+    return err_setf(rc, "cuda backend: %s%s (%d rows): %s (%s)", what, layer, T, err_str(rc),
+                    kern_rt_error());
+}
+
+static int quantizable(const struct kern_qmat *W)
+{
+    return W->fmt == KERN_W_FP8 || W->fmt == KERN_W_MXFP4;
+}
+
+/* y (T, rows) = W x with the model's activation round trip when W is FP8/FP4 (linear_q). */
+static int lin_q(struct cuda_impl *ci, const struct kern_qmat *W, const float *x, float *xq_buf,
+                 int T, float *y)
+{
+    if (ci->quant && quantizable(W)) {
+        int rc = kern_act_quant_fp8(x, T, W->cols, xq_buf, ci->stream);
+        if (rc)
+            return rc;
+        x = xq_buf;
+    }
+    return kern_linear(W, x, W->cols, T, y, W->rows, 0, 0, ci->stream);
+}
+
+static int attention_sublayer(struct cuda_impl *ci, int li, const struct kern_batch *b)
+{
+    const struct dsv4_config *c = &ci->m->cfg;
+    const struct dev_layer *L = &ci->layers[li];
+    const struct dsv4_layer_spec *sp = L->spec;
+    struct scratch *s = &ci->s;
+    struct CUstream_st *st = ci->stream;
+    const int T = b->T, d = c->hidden_size, n = c->hc_mult, H = c->n_heads, hd = c->head_dim;
+    const int r = c->rope_dim, ql = c->q_lora_rank, Hi = c->index_n_heads, Di = c->index_head_dim;
+    const float eps = (float)c->rms_norm_eps;
+    const float *inv = sp->rope == DSV4_ROPE_MAIN ? ci->inv_main : ci->inv_comp;
+    const int csa = sp->attn == DSV4_ATTN_CSA;
+    int rc;
+    TRY(kern_hc_pre(s->X, T, n, d, L->hc_attn.fn, L->hc_attn.base, L->hc_attn.scale,
+                    c->hc_sinkhorn_iters, (float)c->hc_eps, eps, L->attn_norm, s->x, s->post,
+                    s->comb, st));
+    /* compressor and indexer projections on x as is */
+    if (sp->ratio) {
+        TRY(kern_linear(&L->comp.wkv, s->x, d, T, s->ca, L->comp.wkv.rows, 0, 0, st));
+        TRY(kern_linear(&L->comp.wgate, s->x, d, T, s->cz, L->comp.wgate.rows, 0, 0, st));
+    }
+    if (csa) {
+        TRY(kern_linear(&L->icomp.wkv, s->x, d, T, s->ia, L->icomp.wkv.rows, 0, 0, st));
+        TRY(kern_linear(&L->icomp.wgate, s->x, d, T, s->iz, L->icomp.wgate.rows, 0, 0, st));
+        TRY(kern_linear(&L->idx_wproj, s->x, d, T, s->wi, Hi, 0, 0, st));
+    }
+    TRY(lin_q(ci, &L->wq_a, s->x, s->xq, T, s->qlat));
+    TRY(lin_q(ci, &L->wkv, s->x, s->xq, T, s->kv));
+    TRY(kern_rmsnorm(s->qlat, L->q_norm, T, ql, eps, s->qlat, st));
+    TRY(lin_q(ci, &L->wq_b, s->qlat, s->qlat_q, T, s->q));
+    if (csa)
+        TRY(lin_q(ci, &L->idx_wq_b, s->qlat, s->qlat_q, T, s->qi));
+    TRY(kern_q_heads(s->q, b, H, hd, r, inv, eps, st));
+    TRY(kern_kv_prep(s->kv, b, hd, L->kv_norm, r, inv, eps, ci->quant, st));
+    if (csa)
+        TRY(kern_iq_prep(s->qi, s->wi, b, Hi, Di, r, inv, ci->quant, st));
+    /* compressors (entries land in the blocks), then the indexer's selection */
+    if (sp->ratio)
+        TRY(kern_compress(b, &ci->cache, &L->cache, s->ca, s->cz, L->comp.ape, L->comp.norm,
+                          L->comp.D, L->comp.overlap, 0, r, ci->inv_comp, eps, ci->quant, st));
+    if (csa) {
+        TRY(kern_compress(b, &ci->cache, &L->cache, s->ia, s->iz, L->icomp.ape, L->icomp.norm,
+                          L->icomp.D, L->icomp.overlap, 1, r, ci->inv_comp, eps, ci->quant, st));
+        TRY(kern_indexer_topk(b, &ci->cache, &L->cache, s->qi, s->wi, Hi, Di, c->index_topk,
+                              s->scores, ci->ld_cap, s->sel, st));
+    }
+    TRY(kern_sink_attention(b, &ci->cache, &L->cache, s->q, s->kv, csa ? s->sel : NULL,
+                            c->index_topk, L->attn_sink, H, hd, c->sliding_window, r, inv, s->o,
+                            st));
+    TRY(kern_window_write(b, &ci->cache, &L->cache, s->kv, hd, c->sliding_window, st));
+    /* grouped output projection: group g's rows of wo_a read group g's slice of o */
+    {
+        const int g = c->o_groups, dg = c->o_lora_rank;
+        TRY(kern_linear(&L->wo_a, s->o, H * hd, T, s->zo, g * dg, dg, H * hd / g, st));
+        TRY(lin_q(ci, &L->wo_b, s->zo, s->zo_q, T, s->out));
+    }
+    TRY(kern_hc_post(s->out, s->X, s->post, s->comb, T, n, d, s->X2, st));
+    {
+        float *tmp = s->X;
+        s->X = s->X2;
+        s->X2 = tmp;
+    }
+    return 0;
+fail:
+    return kfail(rc, "attention", li, T);
+}
+
+static int moe_sublayer(struct cuda_impl *ci, int li, const struct kern_batch *b)
+{
+    const struct dsv4_config *c = &ci->m->cfg;
+    const struct dev_layer *L = &ci->layers[li];
+    struct scratch *s = &ci->s;
+    struct CUstream_st *st = ci->stream;
+    const int T = b->T, d = c->hidden_size, n = c->hc_mult, E = c->n_routed_experts;
+    const int K = c->n_experts_per_tok, I = c->moe_inter, P = T * K;
+    const float eps = (float)c->rms_norm_eps, limit = (float)c->swiglu_limit;
+    int rc;
+    TRY(kern_hc_pre(s->X, T, n, d, L->hc_ffn.fn, L->hc_ffn.base, L->hc_ffn.scale,
+                    c->hc_sinkhorn_iters, (float)c->hc_eps, eps, L->ffn_norm, s->x, s->post,
+                    s->comb, st));
+    if (ci->nvfp4) { /* route + routed experts + shared expert, BF16 activations */
+        TRY(kern_moe_forward(&L->moe, s->x, b->tokens, T, s->out, s->moe_ws, ci->moe_ws_bytes, st));
+        goto post;
+    }
+    TRY(kern_linear(&L->gate, s->x, d, T, s->mlog, E, 0, 0, st));
+    TRY(kern_route_exact(s->mlog, T, E, K, L->gate_bias, L->tid2eid, b->tokens,
+                         (float)c->routed_scaling_factor, s->idx, s->wts, st));
+    /* routed experts: (token, slot) pairs */
+    const float *xe = s->x;
+    if (ci->quant) {
+        TRY(kern_act_quant_fp8(s->x, T, d, s->xq, st));
+        xe = s->xq;
+    }
+    TRY(kern_linear_experts(L->w1, E, L->exp_fmt, I, d, s->idx, P, K, xe, d, s->g, I, st));
+    TRY(kern_linear_experts(L->w3, E, L->exp_fmt, I, d, s->idx, P, K, xe, d, s->u, I, st));
+    TRY(kern_swiglu(s->g, s->u, P, I, limit, s->wts, ci->quant, s->g, st));
+    TRY(kern_linear_experts(L->w2, E, L->exp_fmt, d, I, s->idx, P, 1, s->g, I, s->ys, d, st));
+    if (L->has_shared) {
+        TRY(lin_q(ci, &L->sh_w1, s->x, s->xq, T, s->sg));
+        TRY(lin_q(ci, &L->sh_w3, s->x, s->xq, T, s->su));
+        TRY(kern_swiglu(s->sg, s->su, T, I, limit, NULL, ci->quant && quantizable(&L->sh_w2),
+                        s->sg, st));
+        TRY(kern_linear(&L->sh_w2, s->sg, I, T, s->so, d, 0, 0, st));
+    }
+    TRY(kern_moe_combine(s->ys, L->has_shared ? s->so : NULL, T, K, d, s->out, st));
+post:
+    TRY(kern_hc_post(s->out, s->X, s->post, s->comb, T, n, d, s->X2, st));
+    {
+        float *tmp = s->X;
+        s->X = s->X2;
+        s->X2 = tmp;
+    }
+    return 0;
+fail:
+    return kfail(rc, "MoE", li, T);
+}
+
+/* ---- struct backend ---- */
+
+static int cuda_step(struct backend *bk, const struct backend_seq *seqs, int nseq, float *logits)
+{
+    struct cuda_impl *ci = bk->impl;
+    const struct dsv4_config *c = &ci->m->cfg;
+    int T = 0, nsel = 0, need = 0, max_pos = 0, total_bt = 0, rc;
+    if (nseq <= 0)
+        return 0;
+    if (nseq > bk->n_slots)
+        return err_setf(ERR_INVAL, "cuda backend: %d sequences for %d slots", nseq, bk->n_slots);
+    for (int i = 0; i < nseq; i++) {
+        const struct backend_seq *q = &seqs[i];
+        if (q->slot < 0 || q->slot >= bk->n_slots || q->n <= 0)
+            return err_setf(ERR_INVAL, "cuda backend: sequence %d: slot %d, %d tokens", i, q->slot,
+                            q->n);
+        for (int j = 0; j < i; j++)
+            if (seqs[j].slot == q->slot)
+                return err_setf(ERR_INVAL, "cuda backend: slot %d twice in one step", q->slot);
+        const struct cuda_slot *sl = &ci->slots[q->slot];
+        if (sl->pos + q->n > c->max_position_embeddings)
+            return err_setf(ERR_RANGE, "forward: position %ld past max_position_embeddings %ld",
+                            sl->pos + q->n - 1, c->max_position_embeddings);
+        for (int j = 0; j < q->n; j++)
+            if (q->tokens[j] < 0 || q->tokens[j] >= c->vocab_size)
+                return err_setf(ERR_RANGE, "forward: token id %d out of range [0, %d)",
+                                q->tokens[j], c->vocab_size);
+        int nb = dsv4_kv_blocks_for(sl->pos + q->n);
+        need += nb - sl->n_blocks;
+        total_bt += nb;
+        T += q->n;
+        nsel += q->want_logits != 0;
+        if (sl->pos + q->n > max_pos)
+            max_pos = (int)(sl->pos + q->n);
+    }
+    if (need > ci->n_free)
+        return err_setf(ERR_BUSY, "kv cache: %d blocks needed, %d free", need, ci->n_free);
+    for (int i = 0; i < nseq; i++) {
+        struct cuda_slot *sl = &ci->slots[seqs[i].slot];
+        int nb = dsv4_kv_blocks_for(sl->pos + seqs[i].n);
+        if ((rc = slot_grow_table(sl, nb)))
+            return rc;
+        while (sl->n_blocks < nb)
+            sl->blocks[sl->n_blocks++] = block_take(ci);
+    }
+    /* the batch description: one pinned buffer, one copy */
+    size_t meta_ints = (size_t)3 * T + (size_t)4 * nseq + (size_t)total_bt + (size_t)nsel;
+    if (meta_ints * 4 > ci->meta_cap) {
+        size_t cap = meta_ints * 4 * 2;
+        void *h = NULL, *dv = NULL;
+        if ((rc = kern_stream_sync(ci->stream)) || (rc = kern_host_alloc(&h, cap)) ||
+            (rc = kern_malloc(&dv, cap))) {
+            kern_host_free(h);
+            return err_setf(ERR_CUDA, "cuda backend: cannot allocate %zu bytes for a batch: %s",
+                            cap, kern_last_error());
+        }
+        kern_host_free(ci->meta_h);
+        kern_free(ci->meta_d);
+        ci->meta_h = h;
+        ci->meta_d = dv;
+        ci->meta_cap = cap;
+    }
+    if ((rc = scratch_reserve(ci, T, max_pos / 4 + 1)))
+        return rc;
+    int32_t *mh = ci->meta_h, *md = ci->meta_d;
+    int32_t *tok = mh, *rseq = tok + T, *rpos = rseq + T, *srow0 = rpos + T, *sn = srow0 + nseq;
+    int32_t *sslot = sn + nseq, *sbt = sslot + nseq, *bt = sbt + nseq, *rows = bt + total_bt;
+    for (int i = 0, row = 0, bo = 0, ns = 0; i < nseq; i++) {
+        const struct backend_seq *q = &seqs[i];
+        const struct cuda_slot *sl = &ci->slots[q->slot];
+        srow0[i] = row;
+        sn[i] = q->n;
+        sslot[i] = q->slot;
+        sbt[i] = bo;
+        memcpy(bt + bo, sl->blocks, sizeof *bt * (size_t)sl->n_blocks);
+        bo += sl->n_blocks;
+        for (int j = 0; j < q->n; j++, row++) {
+            tok[row] = q->tokens[j];
+            rseq[row] = i;
+            rpos[row] = (int32_t)(sl->pos + j);
+        }
+        if (q->want_logits)
+            rows[ns++] = row - 1;
+    }
+    struct kern_batch b = {T,
+                           nseq,
+                           md,
+                           md + (rseq - mh),
+                           md + (rpos - mh),
+                           md + (srow0 - mh),
+                           md + (sn - mh),
+                           md + (sslot - mh),
+                           md + (sbt - mh),
+                           md + (bt - mh),
+                           max_pos};
+    const int32_t *rows_d = md + (rows - mh);
+    struct scratch *s = &ci->s;
+    const int d = c->hidden_size, n = c->hc_mult;
+    TRY(kern_h2d_async(md, mh, meta_ints * 4, ci->stream));
+    TRY(kern_embed(&ci->embed, b.tokens, T, n, s->X, ci->stream));
+    for (int li = 0; li < c->n_layers; li++)
+        if ((rc = attention_sublayer(ci, li, &b)) || (rc = moe_sublayer(ci, li, &b)))
+            return rc;
+    if (nsel) {
+        TRY(kern_hc_head(s->X, rows_d, nsel, n, d, ci->hc_head.fn, ci->hc_head.base,
+                         ci->hc_head.scale, (float)c->hc_eps, (float)c->rms_norm_eps, ci->norm,
+                         s->y, ci->stream));
+        TRY(kern_linear(&ci->head, s->y, d, nsel, ci->logits_d, c->vocab_size, 0, 0, ci->stream));
+        TRY(kern_d2h_async(logits, ci->logits_d, sizeof(float) * (size_t)nsel * c->vocab_size,
+                           ci->stream));
+    }
+    TRY(kern_stream_sync(ci->stream));
+    for (int i = 0; i < nseq; i++)
+        ci->slots[seqs[i].slot].pos += seqs[i].n;
+    return 0;
+fail:
+    return kfail(rc, "step", -1, T);
+}
+
+static int slot_clear_state(struct cuda_impl *ci, int slot)
+{
+    const struct dsv4_config *c = &ci->m->cfg;
+    for (int li = 0; li < c->n_layers; li++) {
+        int rc = kern_compressor_reset(&ci->cache, &ci->layers[li].cache, slot, c->head_dim,
+                                       c->index_head_dim, ci->stream);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
+static void cuda_slot_reset(struct backend *bk, int slot)
+{
+    struct cuda_impl *ci = bk->impl;
+    struct cuda_slot *sl = &ci->slots[slot];
+    slot_release(ci, sl);
+    sl->pos = 0;
+    /* an enqueue failure surfaces at the next step's synchronisation */
+    (void)slot_clear_state(ci, slot);
+}
+
+static int cuda_slot_fork(struct backend *bk, int dst, int src)
+{
+    struct cuda_impl *ci = bk->impl;
+    struct cuda_slot *sd = &ci->slots[dst];
+    const struct cuda_slot *ss = &ci->slots[src];
+    int full = (int)(ss->pos / DSV4_BLOCK_TOKENS), used = dsv4_kv_blocks_for(ss->pos), rc;
+    if (dst == src)
+        return 0;
+    slot_release(ci, sd);
+    sd->pos = 0;
+    if ((rc = slot_grow_table(sd, used)))
+        return rc;
+    if (used > full && ci->n_free < 1) {
+        (void)slot_clear_state(ci, dst);
+        return err_setf(ERR_BUSY, "kv cache: 1 block needed, 0 free");
+    }
+    for (int i = 0; i < full; i++) {
+        ci->refs[ss->blocks[i]]++;
+        sd->blocks[sd->n_blocks++] = ss->blocks[i];
+    }
+    const size_t bb = sizeof(float) * ci->cache.block_floats;
+    if (used > full) { /* the partially filled block is written by both: copy it */
+        int32_t nb = block_take(ci);
+        sd->blocks[sd->n_blocks++] = nb;
+        if ((rc = kern_d2d_async(ci->cache.blocks + (size_t)nb * ci->cache.block_floats,
+                                 ci->cache.blocks + (size_t)ss->blocks[full] * ci->cache.block_floats,
+                                 bb, ci->stream)))
+            return err_setf(ERR_CUDA, "cuda backend: fork copy: %s", kern_last_error());
+    }
+    const size_t sb = sizeof(float) * ci->cache.slot_floats;
+    if ((rc = kern_d2d_async(ci->cache.state + (size_t)dst * ci->cache.slot_floats,
+                             ci->cache.state + (size_t)src * ci->cache.slot_floats, sb, ci->stream)))
+        return err_setf(ERR_CUDA, "cuda backend: fork copy: %s", kern_last_error());
+    sd->pos = ss->pos;
+    return 0;
+}
+
+static int cuda_blocks_free(struct backend *bk)
+{
+    return ((struct cuda_impl *)bk->impl)->n_free;
+}
+
+static void cuda_destroy(struct backend *bk)
+{
+    if (!bk)
+        return;
+    struct cuda_impl *ci = bk->impl;
+    if (ci) {
+        if (ci->stream)
+            (void)kern_stream_sync(ci->stream);
+        for (int i = 0; ci->slots && i < bk->n_slots; i++)
+            free(ci->slots[i].blocks);
+        free(ci->slots);
+        free(ci->refs);
+        free(ci->free_list);
+        free(ci->layers);
+        kern_free(ci->wmem);
+        kern_free(ci->cmem);
+        kern_free(ci->smem);
+        kern_free(ci->logits_d);
+        kern_free(ci->meta_d);
+        kern_host_free(ci->meta_h);
+        kern_stream_free(ci->stream);
+        free(ci);
+    }
+    free(bk);
+}
+
+static const struct backend_ops cuda_ops = {cuda_step, cuda_slot_reset, cuda_slot_fork,
+                                            cuda_blocks_free, cuda_destroy};
+
+int backend_cuda_new(struct backend **out, struct dsv4_model *m, int n_slots, int n_blocks)
+{
+    const struct dsv4_config *c = &m->cfg;
+    struct backend *bk = calloc(1, sizeof *bk);
+    struct cuda_impl *ci = calloc(1, sizeof *ci);
+    int rc;
+    if (!bk || !ci) {
+        free(bk);
+        free(ci);
+        return err_setf(ERR_NOMEM, "cuda backend: out of memory");
+    }
+    bk->ops = &cuda_ops;
+    bk->impl = ci;
+    bk->n_slots = n_slots;
+    bk->n_blocks = n_blocks;
+    bk->vocab_size = c->vocab_size;
+    bk->eos_token_id = c->eos_token_id;
+    ci->m = m;
+    ci->quant = m->numerics == DSV4_NUMERICS_MODEL;
+    ci->nvfp4 = nvfp4_usable(m);
+    if (n_slots < 1 || n_blocks < 0) {
+        rc = err_setf(ERR_INVAL, "cuda backend: %d slots, %d blocks", n_slots, n_blocks);
+        goto fail;
+    }
+    if (kern_device_count() < 1) {
+        rc = err_setf(ERR_CUDA, "cuda backend: no CUDA device");
+        goto fail;
+    }
+    ci->layers = calloc((size_t)c->n_layers, sizeof *ci->layers);
+    ci->slots = calloc((size_t)n_slots, sizeof *ci->slots);
+    ci->refs = calloc((size_t)(n_blocks ? n_blocks : 1), sizeof *ci->refs);
+    ci->free_list = malloc(sizeof *ci->free_list * (size_t)(n_blocks ? n_blocks : 1));
+    if (!ci->layers || !ci->slots || !ci->refs || !ci->free_list) {
+        rc = err_setf(ERR_NOMEM, "cuda backend: out of memory");
+        goto fail;
+    }
+    for (int i = 0; i < n_blocks; i++)
+        ci->free_list[i] = n_blocks - 1 - i; /* pop gives block 0 first */
+    ci->n_free = n_blocks;
+    if ((rc = kern_stream_new(&ci->stream))) {
+        rc = err_setf(ERR_CUDA, "cuda backend: cannot create a stream: %s", kern_last_error());
+        goto fail;
+    }
+    /* weights: size, allocate once, upload */
+    struct uploader u = {0, NULL, 0, 0};
+    if ((rc = upload_weights(ci, &u)))
+        goto fail;
+    ci->wbytes = u.off;
+    if ((rc = kern_malloc(&ci->wmem, ci->wbytes))) {
+        rc = err_setf(ERR_CUDA, "cuda backend: cannot allocate %zu bytes for the weights: %s",
+                      ci->wbytes, kern_last_error());
+        goto fail;
+    }
+    u = (struct uploader){1, ci->wmem, 0, 0};
+    if ((rc = upload_weights(ci, &u)))
+        goto fail;
+    if (ci->nvfp4 && (rc = kern_moe_prepare())) {
+        rc = err_setf(rc, "cuda backend: MoE kernel setup failed: %s", kern_last_error());
+        goto fail;
+    }
+    if (ci->nvfp4 && getenv("DSV4_CUDA_VERBOSE"))
+        fprintf(stderr,
+                "cuda backend: experts MXFP4 -> NVFP4: %ld matrices, %ld exact, %ld inexact "
+                "(worst rel err %.3g, span %d binades)\n",
+                ci->rep.n_mats, ci->rep.n_exact, ci->rep.n_inexact, ci->rep.worst_rel,
+                ci->rep.worst_span);
+    /* cache pool: slot states, then blocks */
+    size_t slot_floats, block_floats;
+    cache_layout(ci, &slot_floats, &block_floats);
+    ci->cbytes = sizeof(float) * (slot_floats * (size_t)n_slots + block_floats * (size_t)n_blocks);
+    if ((rc = kern_malloc(&ci->cmem, ci->cbytes))) {
+        rc = err_setf(ERR_CUDA, "cuda backend: cannot allocate %zu bytes for the cache pool: %s",
+                      ci->cbytes, kern_last_error());
+        goto fail;
+    }
+    ci->cache.state = ci->cmem;
+    ci->cache.slot_floats = slot_floats;
+    ci->cache.blocks = (float *)ci->cmem + slot_floats * (size_t)n_slots;
+    ci->cache.block_floats = block_floats;
+    bk->block_bytes = sizeof(float) * block_floats;
+    bk->state_bytes = sizeof(float) * slot_floats;
+    if ((rc = kern_memset(ci->cmem, 0, ci->cbytes))) {
+        rc = err_setf(ERR_CUDA, "cuda backend: cannot clear the cache pool: %s", kern_last_error());
+        goto fail;
+    }
+    for (int i = 0; i < n_slots; i++)
+        if ((rc = slot_clear_state(ci, i)))
+            goto fail;
+    if ((rc = kern_malloc((void **)&ci->logits_d,
+                          sizeof(float) * (size_t)n_slots * (size_t)c->vocab_size))) {
+        rc = err_setf(ERR_CUDA, "cuda backend: cannot allocate the logits rows: %s",
+                      kern_last_error());
+        goto fail;
+    }
+    if ((rc = scratch_reserve(ci, 256, 64)))
+        goto fail;
+    if ((rc = kern_stream_sync(ci->stream))) {
+        rc = err_setf(ERR_CUDA, "cuda backend: setup failed: %s", kern_last_error());
+        goto fail;
+    }
+    *out = bk;
+    return 0;
+fail:
+    cuda_destroy(bk);
+    return rc;
+}

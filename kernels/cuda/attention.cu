@@ -1,0 +1,157 @@
+/*
+ * attention.cu - shared-KV (MQA) attention with a per-head sink over the window and the
+ * compressed entries, then the inverse RoPE of the output (the twin of the attention loop of
+ * engine/model.c + cpu_sink_attention), and the window-ring write.
+ *
+ * One block per (row, head). Keys are gathered in the CPU's order: window positions ascending
+ * (this step's latents for positions of this chunk, the slot's ring before it), then the
+ * compressed entries (CSA: the indexer's selection, ascending; HCA: all valid entries). Logits
+ * are 8-lane dots; softmax and the value sum run over keys in order, one thread per channel.
+ */
+#include "kernels/cuda/exact.cuh"
+
+#include "engine/kvcache.h"
+
+#define ATT_THREADS 256
+
+struct att_row {
+    int s, slot, row0, p0, nwin, ncomp;
+    long pos, lo;
+};
+
+__device__ __forceinline__ const float *
+att_key(const struct kern_batch &b, const struct kern_cache &c, const struct kern_layer_cache &l,
+        const struct att_row &a, const float *kv, const int32_t *sel_t, int hd, int W, int j)
+{
+    if (j < a.nwin) {
+        long p = a.lo + j;
+        if (p >= a.p0)
+            return kv + (size_t)(a.row0 + (p - a.p0)) * hd;
+        return c.state + (size_t)a.slot * c.slot_floats + l.win + (size_t)(p % W) * hd;
+    }
+    long i = l.ratio == 4 ? sel_t[j - a.nwin] : j - a.nwin;
+    long tok = i * l.ratio;
+    int blk = b.bt[b.seq_bt[a.s] + tok / DSV4_BLOCK_TOKENS];
+    return c.blocks + (size_t)blk * c.block_floats + l.blk +
+           (size_t)((tok % DSV4_BLOCK_TOKENS) / l.ratio) * hd;
+}
+
+__global__ void sink_attn_k(struct kern_batch b, struct kern_cache c, struct kern_layer_cache l,
+                            const float *q, const float *kv, const int32_t *sel, int topk,
+                            const float *sinks, int H, int hd, int W, int rope_dim,
+                            const float *inv_freq, float *o)
+{
+    extern __shared__ __align__(16) float sm[];
+    __shared__ float s_mx, s_inv;
+    const int t = blockIdx.x / H, h = blockIdx.x % H;
+    struct att_row a;
+    a.s = b.row_seq[t];
+    a.pos = b.row_pos[t];
+    a.row0 = b.seq_row0[a.s];
+    a.p0 = b.row_pos[a.row0];
+    a.slot = b.seq_slot[a.s];
+    a.lo = a.pos - W + 1 < 0 ? 0 : a.pos - W + 1;
+    a.nwin = (int)(a.pos - a.lo + 1);
+    int nvalid = l.ratio ? (int)((a.pos + 1) / l.ratio) : 0;
+    a.ncomp = l.ratio == 4 ? (nvalid < topk ? nvalid : topk) : nvalid;
+    const int nk = a.nwin + a.ncomp;
+    const int32_t *sel_t = sel ? sel + (size_t)t * topk : NULL;
+    float *qs = sm;                                              /* (hd) query, later the output */
+    float *work = sm + hd;                                       /* (nk) logits, then weights */
+    const float **kp = (const float **)(work + ((nk + 1) & ~1)); /* (nk) key pointers */
+
+    for (int i = threadIdx.x; i < hd; i += blockDim.x)
+        qs[i] = q[((size_t)t * H + h) * hd + i];
+    for (int j = threadIdx.x; j < nk; j += blockDim.x)
+        kp[j] = att_key(b, c, l, a, kv, sel_t, hd, W, j);
+    __syncthreads();
+    const float scale = 1.0f / sqrtf((float)hd);
+    const int g = threadIdx.x >> 3, lane = threadIdx.x & 7, ng = blockDim.x >> 3;
+    for (int j0 = 0; j0 < nk; j0 += ng) {
+        int j = j0 + g;
+        float v = ex_dot8_combine(j < nk ? ex_dot8_lane(qs, kp[j], hd, lane) : 0.0f);
+        if (j < nk && lane == 0)
+            work[j] = scale * v;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float mx = sinks[h];
+        for (int j = 0; j < nk; j++)
+            mx = fmaxf(mx, work[j]);
+        s_mx = mx;
+    }
+    __syncthreads();
+    const float mx = s_mx;
+    for (int j = threadIdx.x; j < nk; j += blockDim.x)
+        work[j] = ex_expf(work[j] - mx);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float den = ex_expf(sinks[h] - mx);
+        for (int j = 0; j < nk; j++)
+            den += work[j];
+        s_inv = 1.0f / den;
+    }
+    __syncthreads();
+    const float inv = s_inv;
+    for (int ch = threadIdx.x; ch < hd; ch += blockDim.x) {
+        float acc = 0;
+        for (int j = 0; j < nk; j++)
+            acc += work[j] * kp[j][ch];
+        qs[ch] = acc * inv;
+    }
+    __syncthreads();
+    ex_block_rope(qs + hd - rope_dim, rope_dim, inv_freq, a.pos, 1);
+    for (int i = threadIdx.x; i < hd; i += blockDim.x)
+        o[((size_t)t * H + h) * hd + i] = qs[i];
+}
+
+extern "C" int kern_sink_attention(const struct kern_batch *b, const struct kern_cache *c,
+                                   const struct kern_layer_cache *l, const float *q,
+                                   const float *kv, const int32_t *sel, int topk,
+                                   const float *sinks, int H, int hd, int W, int rope_dim,
+                                   const float *inv_freq, float *o, cudaStream_t st)
+{
+    if (b->T <= 0)
+        return 0;
+    if (l->ratio == 4 && !sel)
+        return ERR_INVAL;
+    int max_comp = l->ratio == 4 ? topk : (l->ratio ? b->max_pos / l->ratio : 0);
+    int nk = W + max_comp;
+    size_t smem =
+        sizeof(float) * ((size_t)hd + (size_t)((nk + 1) & ~1)) + sizeof(float *) * (size_t)nk;
+    static size_t smem_set = 48 * 1024;
+    if (smem > smem_set) {
+        if (cudaFuncSetAttribute(sink_attn_k, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 (int)smem) != cudaSuccess)
+            return ERR_UNSUPPORTED; /* too many keys for one block: a split-K kernel is needed */
+        smem_set = smem;
+    }
+    sink_attn_k<<<b->T * H, ATT_THREADS, smem, st>>>(*b, *c, *l, q, kv, sel, topk, sinks, H, hd, W,
+                                                     rope_dim, inv_freq, o);
+    EX_LAUNCH_CHECK();
+    return 0;
+}
+
+__global__ void window_write_k(struct kern_batch b, struct kern_cache c, struct kern_layer_cache l,
+                               const float *kv, int hd, int W)
+{
+    const int t = blockIdx.x, s = b.row_seq[t];
+    const int row0 = b.seq_row0[s], n = b.seq_n[s], i = t - row0;
+    if (i < n - W)
+        return; /* overwritten later in this chunk */
+    const long pos = b.row_pos[t];
+    float *dst = c.state + (size_t)b.seq_slot[s] * c.slot_floats + l.win + (size_t)(pos % W) * hd;
+    for (int k = threadIdx.x; k < hd; k += blockDim.x)
+        dst[k] = kv[(size_t)t * hd + k];
+}
+
+extern "C" int kern_window_write(const struct kern_batch *b, const struct kern_cache *c,
+                                 const struct kern_layer_cache *l, const float *kv, int hd, int W,
+                                 cudaStream_t st)
+{
+    if (b->T <= 0)
+        return 0;
+    window_write_k<<<b->T, 128, 0, st>>>(*b, *c, *l, kv, hd, W);
+    EX_LAUNCH_CHECK();
+    return 0;
+}

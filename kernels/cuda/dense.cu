@@ -1,0 +1,432 @@
+/*
+ * dense.cu - the row-wise ops of the DSV4 walk: embedding, mHC pre/post/head, RMSNorm, RoPE of
+ * queries and KV latents, FP8/FP4 activation round trips, clamped SwiGLU and the MoE combine.
+ * Twins of kernels/cpu/{mhc,norm,rope,numfmt,moe}.c with the CPU's arithmetic (exact.cuh).
+ * One block per row (or per row and head); reductions that the CPU does sequentially are done
+ * sequentially by thread 0 in the same order.
+ */
+#include "kernels/cuda/exact.cuh"
+
+#define HC_MAX        16
+#define DENSE_THREADS 256
+
+/* ---- embedding ---- */
+
+template <int FMT>
+__global__ void embed_k(struct kern_qmat E, const int32_t *tokens, int n_hc, float *X)
+{
+    const int t = blockIdx.x, d = E.cols;
+    const int tok = tokens[t];
+    float *Xt = X + (size_t)t * n_hc * d; /* (n_hc, d) */
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        float v = ex_w<FMT>(E, tok, c);
+        for (int i = 0; i < n_hc; i++)
+            Xt[(size_t)i * d + c] = v;
+    }
+}
+
+extern "C" int kern_embed(const struct kern_qmat *E, const int32_t *tokens, int T, int n_hc,
+                          float *X, cudaStream_t st)
+{
+    if (T <= 0)
+        return 0;
+    switch (E->fmt) {
+    case KERN_W_F32:
+        embed_k<KERN_W_F32><<<T, DENSE_THREADS, 0, st>>>(*E, tokens, n_hc, X);
+        break;
+    case KERN_W_BF16:
+        embed_k<KERN_W_BF16><<<T, DENSE_THREADS, 0, st>>>(*E, tokens, n_hc, X);
+        break;
+    case KERN_W_FP8:
+        embed_k<KERN_W_FP8><<<T, DENSE_THREADS, 0, st>>>(*E, tokens, n_hc, X);
+        break;
+    default:
+        return ERR_UNSUPPORTED;
+    }
+    EX_LAUNCH_CHECK();
+    return 0;
+}
+
+/* ---- mHC ---- */
+
+/*
+ * mix (nmix) = fn (nmix, n*d) . X * rsqrt(mean(X^2) + eps) (hc_mix of mhc.c). Block-cooperative;
+ * X (n*d) in global memory; red: one shared float. Ends with __syncthreads().
+ */
+__device__ void hc_mix_block(const float *X, int len, const float *fn, int nmix, float norm_eps,
+                             float *mix, float *red)
+{
+    if (threadIdx.x == 0)
+        *red = 1.0f / sqrtf(ex_sumsq_seq(X, len) / (float)len + norm_eps);
+    const int g = threadIdx.x >> 3, lane = threadIdx.x & 7, ng = blockDim.x >> 3;
+    /* every thread runs the same number of rounds: the shuffles need whole warps */
+    for (int m0 = 0; m0 < nmix; m0 += ng) {
+        int m = m0 + g;
+        float v =
+            ex_dot8_combine(m < nmix ? ex_dot8_lane(fn + (size_t)m * len, X, len, lane) : 0.0f);
+        if (m < nmix && lane == 0)
+            mix[m] = v;
+    }
+    __syncthreads();
+    for (int m = threadIdx.x; m < nmix; m += blockDim.x)
+        mix[m] = mix[m] * *red;
+    __syncthreads();
+}
+
+__global__ void hc_pre_k(const float *X, int n, int d, const float *fn, const float *base,
+                         const float *scale, int iters, float hc_eps, float norm_eps,
+                         const float *norm_w, float *x, float *post_out, float *comb_out)
+{
+    __shared__ float mix[(2 + HC_MAX) * HC_MAX], pre[HC_MAX], comb[HC_MAX * HC_MAX], red;
+    extern __shared__ __align__(16) float u[]; /* (d) */
+    const int t = blockIdx.x, nmix = (2 + n) * n;
+    const float *Xt = X + (size_t)t * n * d; /* (n, d) */
+    hc_mix_block(Xt, n * d, fn, nmix, norm_eps, mix, &red);
+    if (threadIdx.x == 0) { /* gates and Sinkhorn exactly as cpu_hc_pre */
+        float *post = post_out + (size_t)t * n;
+        for (int i = 0; i < n; i++) {
+            pre[i] = ex_sigmoid(mix[i] * scale[0] + base[i]) + hc_eps;
+            post[i] = 2.0f * ex_sigmoid(mix[n + i] * scale[1] + base[n + i]);
+        }
+        for (int j = 0; j < n; j++) {
+            float *row = comb + j * n;
+            float mx = -INFINITY, sum = 0;
+            for (int k = 0; k < n; k++) {
+                row[k] = mix[2 * n + j * n + k] * scale[2] + base[2 * n + j * n + k];
+                mx = fmaxf(mx, row[k]);
+            }
+            for (int k = 0; k < n; k++) {
+                row[k] = ex_expf(row[k] - mx);
+                sum += row[k];
+            }
+            for (int k = 0; k < n; k++)
+                row[k] = row[k] / sum + hc_eps;
+        }
+        for (int it = 0; it < iters; it++) {
+            if (it > 0)
+                for (int j = 0; j < n; j++) {
+                    float s = 0;
+                    for (int k = 0; k < n; k++)
+                        s += comb[j * n + k];
+                    for (int k = 0; k < n; k++)
+                        comb[j * n + k] /= s + hc_eps;
+                }
+            for (int k = 0; k < n; k++) {
+                float s = 0;
+                for (int j = 0; j < n; j++)
+                    s += comb[j * n + k];
+                for (int j = 0; j < n; j++)
+                    comb[j * n + k] /= s + hc_eps;
+            }
+        }
+        for (int i = 0; i < n * n; i++)
+            comb_out[(size_t)t * n * n + i] = comb[i];
+    }
+    __syncthreads();
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        float acc = 0;
+        for (int i = 0; i < n; i++)
+            acc += pre[i] * Xt[(size_t)i * d + c];
+        u[c] = acc;
+    }
+    ex_block_rmsnorm(u, norm_w, d, norm_eps, &red);
+    for (int c = threadIdx.x; c < d; c += blockDim.x)
+        x[(size_t)t * d + c] = u[c];
+}
+
+extern "C" int kern_hc_pre(const float *X, int T, int n_hc, int d, const float *fn,
+                           const float *base, const float *scale, int iters, float hc_eps,
+                           float norm_eps, const float *norm_w, float *x, float *post, float *comb,
+                           cudaStream_t st)
+{
+    if (n_hc > HC_MAX || n_hc < 1)
+        return ERR_UNSUPPORTED;
+    if (T <= 0)
+        return 0;
+    hc_pre_k<<<T, DENSE_THREADS, sizeof(float) * (size_t)d, st>>>(
+        X, n_hc, d, fn, base, scale, iters, hc_eps, norm_eps, norm_w, x, post, comb);
+    EX_LAUNCH_CHECK();
+    return 0;
+}
+
+__global__ void hc_post_k(const float *f, const float *R, const float *post, const float *comb,
+                          int n, int d, float *Xout)
+{
+    const int t = blockIdx.x;
+    const float *ft = f + (size_t)t * d, *Rt = R + (size_t)t * n * d;
+    const float *pt = post + (size_t)t * n, *ct = comb + (size_t)t * n * n;
+    for (int i = threadIdx.x; i < n * d; i += blockDim.x) {
+        int k = i / d, c = i % d;
+        float acc = pt[k] * ft[c];
+        for (int j = 0; j < n; j++)
+            acc += ct[j * n + k] * Rt[(size_t)j * d + c];
+        Xout[(size_t)t * n * d + i] = acc;
+    }
+}
+
+extern "C" int kern_hc_post(const float *f, const float *R, const float *post, const float *comb,
+                            int T, int n_hc, int d, float *Xout, cudaStream_t st)
+{
+    if (T <= 0)
+        return 0;
+    hc_post_k<<<T, DENSE_THREADS, 0, st>>>(f, R, post, comb, n_hc, d, Xout);
+    EX_LAUNCH_CHECK();
+    return 0;
+}
+
+__global__ void hc_head_k(const float *X, const int32_t *rows, int n, int d, const float *fn,
+                          const float *base, const float *scale, float hc_eps, float norm_eps,
+                          const float *norm_w, float *y)
+{
+    __shared__ float mix[HC_MAX], pre[HC_MAX], red;
+    extern __shared__ __align__(16) float u[]; /* (d) */
+    const int i = blockIdx.x;
+    const float *Xt = X + (size_t)rows[i] * n * d; /* (n, d) */
+    hc_mix_block(Xt, n * d, fn, n, norm_eps, mix, &red);
+    if (threadIdx.x == 0)
+        for (int k = 0; k < n; k++)
+            pre[k] = ex_sigmoid(mix[k] * scale[0] + base[k]) + hc_eps;
+    __syncthreads();
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        float acc = 0;
+        for (int k = 0; k < n; k++)
+            acc += pre[k] * Xt[(size_t)k * d + c];
+        u[c] = acc;
+    }
+    ex_block_rmsnorm(u, norm_w, d, norm_eps, &red);
+    for (int c = threadIdx.x; c < d; c += blockDim.x)
+        y[(size_t)i * d + c] = u[c];
+}
+
+extern "C" int kern_hc_head(const float *X, const int32_t *rows, int nsel, int n_hc, int d,
+                            const float *fn, const float *base, const float *scale, float hc_eps,
+                            float norm_eps, const float *norm_w, float *y, cudaStream_t st)
+{
+    if (n_hc > HC_MAX || n_hc < 1)
+        return ERR_UNSUPPORTED;
+    if (nsel <= 0)
+        return 0;
+    hc_head_k<<<nsel, DENSE_THREADS, sizeof(float) * (size_t)d, st>>>(
+        X, rows, n_hc, d, fn, base, scale, hc_eps, norm_eps, norm_w, y);
+    EX_LAUNCH_CHECK();
+    return 0;
+}
+
+/* ---- norms and round trips ---- */
+
+__global__ void rmsnorm_k(const float *x, const float *w, int n, float eps, float *out)
+{
+    __shared__ float red;
+    extern __shared__ __align__(16) float v[]; /* (n) */
+    const int t = blockIdx.x;
+    for (int i = threadIdx.x; i < n; i += blockDim.x)
+        v[i] = x[(size_t)t * n + i];
+    ex_block_rmsnorm(v, w, n, eps, &red);
+    for (int i = threadIdx.x; i < n; i += blockDim.x)
+        out[(size_t)t * n + i] = v[i];
+}
+
+extern "C" int kern_rmsnorm(const float *x, const float *w, int T, int n, float eps, float *out,
+                            cudaStream_t st)
+{
+    if (T <= 0)
+        return 0;
+    rmsnorm_k<<<T, DENSE_THREADS, sizeof(float) * (size_t)n, st>>>(x, w, n, eps, out);
+    EX_LAUNCH_CHECK();
+    return 0;
+}
+
+/* one block per (row, 128-column block): the FP8 round trip of cpu_fp8_roundtrip(x, n, 128) */
+__global__ void act_quant_k(const float *x, int cols, float *out)
+{
+    __shared__ float amax_w[4];
+    const int t = blockIdx.y, b0 = blockIdx.x * 128, c = b0 + threadIdx.x;
+    const int len = cols - b0 < 128 ? cols - b0 : 128;
+    float v = c < cols ? x[(size_t)t * cols + c] : 0.0f;
+    float a = threadIdx.x < len ? fabsf(v) : 0.0f;
+    for (int o = 16; o > 0; o >>= 1) /* max is exact in any order */
+        a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
+    if ((threadIdx.x & 31) == 0)
+        amax_w[threadIdx.x >> 5] = a;
+    __syncthreads();
+    float amax = fmaxf(fmaxf(fmaxf(1e-4f, amax_w[0]), amax_w[1]), fmaxf(amax_w[2], amax_w[3]));
+    if (threadIdx.x < len)
+        out[(size_t)t * cols + c] = ex_fp8_rt(v, ex_pow2_scale(amax, 448.0f));
+}
+
+extern "C" int kern_act_quant_fp8(const float *x, int T, int cols, float *out, cudaStream_t st)
+{
+    if (T <= 0)
+        return 0;
+    act_quant_k<<<dim3((cols + 127) / 128, T), 128, 0, st>>>(x, cols, out);
+    EX_LAUNCH_CHECK();
+    return 0;
+}
+
+/* ---- queries and latents ---- */
+
+/* one block per (row, head): weightless RMSNorm over hd, RoPE of the trailing dims */
+__global__ void q_heads_k(float *q, const int32_t *row_pos, int H, int hd, int rope_dim,
+                          const float *inv_freq, float eps)
+{
+    __shared__ float red;
+    extern __shared__ __align__(16) float v[]; /* (hd) */
+    const int t = blockIdx.x / H, h = blockIdx.x % H;
+    float *qh = q + ((size_t)t * H + h) * hd;
+    for (int i = threadIdx.x; i < hd; i += blockDim.x)
+        v[i] = qh[i];
+    ex_block_rmsnorm(v, NULL, hd, eps, &red);
+    ex_block_rope(v + hd - rope_dim, rope_dim, inv_freq, row_pos[t], 0);
+    for (int i = threadIdx.x; i < hd; i += blockDim.x)
+        qh[i] = v[i];
+}
+
+extern "C" int kern_q_heads(float *q, const struct kern_batch *b, int H, int hd, int rope_dim,
+                            const float *inv_freq, float eps, cudaStream_t st)
+{
+    if (b->T <= 0)
+        return 0;
+    q_heads_k<<<b->T * H, 128, sizeof(float) * (size_t)hd, st>>>(q, b->row_pos, H, hd, rope_dim,
+                                                                 inv_freq, eps);
+    EX_LAUNCH_CHECK();
+    return 0;
+}
+
+__global__ void kv_prep_k(float *kv, const int32_t *row_pos, int hd, const float *w, int rope_dim,
+                          const float *inv_freq, float eps, int quant)
+{
+    __shared__ float red, scales[64];
+    extern __shared__ __align__(16) float v[]; /* (hd) */
+    const int t = blockIdx.x;
+    float *kt = kv + (size_t)t * hd;
+    for (int i = threadIdx.x; i < hd; i += blockDim.x)
+        v[i] = kt[i];
+    ex_block_rmsnorm(v, w, hd, eps, &red);
+    ex_block_rope(v + hd - rope_dim, rope_dim, inv_freq, row_pos[t], 0);
+    if (quant)
+        ex_block_rt(v, hd - rope_dim, 64, 0, scales);
+    for (int i = threadIdx.x; i < hd; i += blockDim.x)
+        kt[i] = v[i];
+}
+
+extern "C" int kern_kv_prep(float *kv, const struct kern_batch *b, int hd, const float *w,
+                            int rope_dim, const float *inv_freq, float eps, int quant,
+                            cudaStream_t st)
+{
+    if (hd > 64 * 64)
+        return ERR_UNSUPPORTED;
+    if (b->T <= 0)
+        return 0;
+    kv_prep_k<<<b->T, 128, sizeof(float) * (size_t)hd, st>>>(kv, b->row_pos, hd, w, rope_dim,
+                                                             inv_freq, eps, quant);
+    EX_LAUNCH_CHECK();
+    return 0;
+}
+
+/* one block per (row, indexer head) */
+__global__ void iq_prep_k(float *qi, float *wi, const int32_t *row_pos, int Hi, int Di,
+                          int rope_dim, const float *inv_freq, int quant)
+{
+    __shared__ float scales[128];
+    extern __shared__ __align__(16) float v[]; /* (Di) */
+    const int t = blockIdx.x / Hi, h = blockIdx.x % Hi;
+    float *qh = qi + ((size_t)t * Hi + h) * Di;
+    for (int i = threadIdx.x; i < Di; i += blockDim.x)
+        v[i] = qh[i];
+    __syncthreads();
+    ex_block_rope(v + Di - rope_dim, rope_dim, inv_freq, row_pos[t], 0);
+    if (quant) {
+        ex_block_hadamard(v, Di);
+        ex_block_rt(v, Di, 32, 1, scales);
+    }
+    for (int i = threadIdx.x; i < Di; i += blockDim.x)
+        qh[i] = v[i];
+    if (threadIdx.x == 0)
+        wi[(size_t)t * Hi + h] *= 1.0f / sqrtf((float)Hi);
+}
+
+extern "C" int kern_iq_prep(float *qi, float *wi, const struct kern_batch *b, int Hi, int Di,
+                            int rope_dim, const float *inv_freq, int quant, cudaStream_t st)
+{
+    if (Di > 128 * 32 || (Di & (Di - 1)))
+        return ERR_UNSUPPORTED;
+    if (b->T <= 0)
+        return 0;
+    iq_prep_k<<<b->T * Hi, 128, sizeof(float) * (size_t)Di, st>>>(qi, wi, b->row_pos, Hi, Di,
+                                                                  rope_dim, inv_freq, quant);
+    EX_LAUNCH_CHECK();
+    return 0;
+}
+
+/* ---- MoE elementwise ---- */
+
+__global__ void swiglu_k(const float *g, const float *u, int I, float limit, const float *w,
+                         int quant, float *h)
+{
+    __shared__ float scales[64];
+    extern __shared__ __align__(16) float v[]; /* (I) */
+    const int p = blockIdx.x;
+    const float wp = w ? w[p] : 1.0f;
+    for (int i = threadIdx.x; i < I; i += blockDim.x) {
+        float gi = fminf(g[(size_t)p * I + i], limit);
+        float ui = fminf(fmaxf(u[(size_t)p * I + i], -limit), limit);
+        v[i] = wp * (gi / (1.0f + ex_expf(-gi))) * ui;
+    }
+    __syncthreads();
+    if (quant)
+        ex_block_rt(v, I, 128, 0, scales);
+    for (int i = threadIdx.x; i < I; i += blockDim.x)
+        h[(size_t)p * I + i] = v[i];
+}
+
+extern "C" int kern_swiglu(const float *g, const float *u, int P, int I, float limit,
+                           const float *w, int quant, float *h, cudaStream_t st)
+{
+    if (I > 64 * 128)
+        return ERR_UNSUPPORTED;
+    if (P <= 0)
+        return 0;
+    swiglu_k<<<P, DENSE_THREADS, sizeof(float) * (size_t)I, st>>>(g, u, I, limit, w, quant, h);
+    EX_LAUNCH_CHECK();
+    return 0;
+}
+
+__global__ void moe_combine_k(const float *ys, const float *sh, int T, int K, int d, float *f)
+{
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)T * d)
+        return;
+    size_t t = i / d, k = i % d;
+    float acc = 0;
+    for (int j = 0; j < K; j++)
+        acc += ys[(t * K + j) * d + k];
+    f[i] = acc + (sh ? sh[i] : 0.0f);
+}
+
+extern "C" int kern_moe_combine(const float *ys, const float *sh, int T, int K, int d, float *f,
+                                cudaStream_t st)
+{
+    size_t n = (size_t)T * d;
+    if (!n)
+        return 0;
+    moe_combine_k<<<(unsigned)((n + 255) / 256), 256, 0, st>>>(ys, sh, T, K, d, f);
+    EX_LAUNCH_CHECK();
+    return 0;
+}
+
+__global__ void fill_k(float *p, size_t n, float v)
+{
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x)
+        p[i] = v;
+}
+
+extern "C" int kern_fill_f32(float *p, size_t n, float v, cudaStream_t st)
+{
+    if (!n)
+        return 0;
+    size_t blocks = (n + 255) / 256;
+    fill_k<<<(unsigned)(blocks < 4096 ? blocks : 4096), 256, 0, st>>>(p, n, v);
+    EX_LAUNCH_CHECK();
+    return 0;
+}

@@ -1,0 +1,71 @@
+/*
+ * engine_rt.cu - the runtime pieces the GPU backend needs beyond runtime.cu: a stream, pinned
+ * host buffers and asynchronous copies, so engine/backend_cuda.c needs no CUDA headers.
+ */
+#include "kernels/kernels.h"
+
+#include <cuda_runtime.h>
+
+#include "engine/err.h"
+
+static int rt_map(cudaError_t e)
+{
+    return e == cudaSuccess ? 0 : ERR_CUDA;
+}
+
+extern "C" int kern_stream_new(struct CUstream_st **out)
+{
+    cudaStream_t s = NULL;
+    int rc = rt_map(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    *out = rc ? NULL : s;
+    return rc;
+}
+
+extern "C" void kern_stream_free(struct CUstream_st *s)
+{
+    if (s)
+        cudaStreamDestroy(s);
+}
+
+extern "C" int kern_stream_sync(struct CUstream_st *s)
+{
+    int rc = rt_map(cudaStreamSynchronize(s));
+    return rc ? rc : rt_map(cudaGetLastError());
+}
+
+extern "C" int kern_host_alloc(void **p, size_t n)
+{
+    *p = NULL;
+    return rt_map(cudaMallocHost(p, n ? n : 1));
+}
+
+extern "C" void kern_host_free(void *p)
+{
+    if (p)
+        cudaFreeHost(p);
+}
+
+extern "C" int kern_h2d_async(void *dst, const void *src, size_t n, struct CUstream_st *s)
+{
+    return n ? rt_map(cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, s)) : 0;
+}
+
+extern "C" int kern_d2h_async(void *dst, const void *src, size_t n, struct CUstream_st *s)
+{
+    return n ? rt_map(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToHost, s)) : 0;
+}
+
+extern "C" int kern_d2d_async(void *dst, const void *src, size_t n, struct CUstream_st *s)
+{
+    return n ? rt_map(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToDevice, s)) : 0;
+}
+
+extern "C" int kern_mem_info(size_t *free_bytes, size_t *total_bytes)
+{
+    return rt_map(cudaMemGetInfo(free_bytes, total_bytes));
+}
+
+extern "C" const char *kern_rt_error(void)
+{
+    return cudaGetErrorString(cudaGetLastError());
+}

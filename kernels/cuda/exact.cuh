@@ -1,0 +1,301 @@
+/*
+ * exact.cuh - device helpers of the engine kernels (dense.cu, linear.cu, attention.cu,
+ * compressor.cu, indexer.cu, moe_ref.cu) that reproduce the CPU oracle's arithmetic
+ * (kernels/cpu/) operation for operation. Internal to kernels/cuda.
+ *
+ * Why: the CPU engine is the oracle, and the model numerics contain FP8/FP4 round trips whose
+ * rounding decisions amplify one-ulp differences into one-quantum ones. These kernels therefore
+ * use the CPU's summation orders and no FMA contraction (the library is built with -fmad=false),
+ * and evaluate expf/sinf/cosf/log1pf as the correctly rounded double result, which is what glibc's
+ * float functions return in all but rare cases. Later, faster kernels may trade this for a stated
+ * tolerance; the engine test states the bound it checks.
+ *
+ * The 8-lane dot product of cpu_dot(): lane k sums elements k, k+8, k+16, ... in order and the
+ * lanes combine as ((l0 + l4) + (l1 + l5)) + ((l2 + l6) + (l3 + l7)).
+ */
+#ifndef DSV4_KERNELS_CUDA_EXACT_CUH
+#define DSV4_KERNELS_CUDA_EXACT_CUH
+
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdint.h>
+
+#include "engine/err.h"
+#include "kernels/kernels.h"
+
+#define EX_LAUNCH_CHECK()                                                                          \
+    do {                                                                                           \
+        if (cudaPeekAtLastError() != cudaSuccess)                                                  \
+            return ERR_CUDA;                                                                       \
+    } while (0)
+
+/* ---- transcendental functions as glibc's float versions round them ---- */
+
+__device__ __forceinline__ float ex_expf(float x)
+{
+    return (float)exp((double)x);
+}
+
+__device__ __forceinline__ float ex_sinf(float x)
+{
+    return (float)sin((double)x);
+}
+
+__device__ __forceinline__ float ex_cosf(float x)
+{
+    return (float)cos((double)x);
+}
+
+__device__ __forceinline__ float ex_sigmoid(float x)
+{
+    return 1.0f / (1.0f + ex_expf(-x));
+}
+
+/* cpu_sqrt_softplus */
+__device__ __forceinline__ float ex_sqrt_softplus(float x)
+{
+    float sp = x > 20.0f ? x : (float)log1p((double)ex_expf(x));
+    return sqrtf(sp);
+}
+
+/* ---- number formats (kernels/cpu/numfmt.c) ---- */
+
+__device__ __forceinline__ float ex_e4m3(uint8_t b)
+{
+    int s = b >> 7, e = (b >> 3) & 15, m = b & 7;
+    float v;
+    if (e == 15 && m == 7)
+        return __int_as_float(0x7fc00000);
+    if (e == 0)
+        v = (float)m * (1.0f / 512.0f);
+    else
+        v = __int_as_float(((e - 7 + 127) << 23) | (m << 20));
+    return s ? -v : v;
+}
+
+__device__ __forceinline__ float ex_e8m0(uint8_t b)
+{
+    if (b == 255)
+        return __int_as_float(0x7fc00000);
+    if (b == 0)
+        return ldexpf(1.0f, -127);
+    return __int_as_float((int)b << 23);
+}
+
+__device__ __forceinline__ float ex_e2m1(uint8_t code)
+{
+    const float v[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+    float a = v[code & 7];
+    return (code & 8) ? -a : a;
+}
+
+/* round_format of numfmt.c: a >= 0 to mbits mantissa bits, min normal exponent emin, max maxv */
+__device__ __forceinline__ float ex_round_format(float a, int mbits, int emin, float maxv)
+{
+    if (!(a > 0.0f))
+        return 0.0f;
+    if (a >= maxv)
+        return maxv;
+    int e;
+    frexpf(a, &e);
+    int E = e - 1 < emin ? emin : e - 1;
+    float quantum = ldexpf(1.0f, E - mbits);
+    float q = rintf(a / quantum) * quantum;
+    return q > maxv ? maxv : q;
+}
+
+/* cpu_pow2_scale */
+__device__ __forceinline__ float ex_pow2_scale(float amax, float qmax)
+{
+    float x = amax / qmax;
+    int e;
+    float f = frexpf(x, &e);
+    return ldexpf(1.0f, f == 0.5f ? e - 1 : e);
+}
+
+/* One element of an FP8 (E4M3, scale s) round trip. */
+__device__ __forceinline__ float ex_fp8_rt(float x, float s)
+{
+    float v = x / s;
+    return copysignf(ex_round_format(fabsf(v), 3, -6, 448.0f), v) * s;
+}
+
+/* One element of an FP4 (E2M1, scale s) round trip. */
+__device__ __forceinline__ float ex_fp4_rt(float x, float s)
+{
+    float v = x / s;
+    return copysignf(ex_round_format(fabsf(v), 1, 0, 6.0f), v) * s;
+}
+
+/* ---- weights ---- */
+
+/* Element (r, c) of a stored matrix, dequantised exactly as cpu_qmat_row does. */
+template <int FMT> __device__ __forceinline__ float ex_w(const struct kern_qmat &m, int r, int c)
+{
+    if (FMT == KERN_W_F32)
+        return ((const float *)m.w)[(size_t)r * m.cols + c];
+    if (FMT == KERN_W_BF16)
+        return __int_as_float(
+            (int)((uint32_t)((const uint16_t *)m.w)[(size_t)r * m.cols + c] << 16));
+    if (FMT == KERN_W_FP8) {
+        int ncb = (m.cols + 127) / 128;
+        size_t si = (size_t)(r / 128) * (size_t)ncb + (size_t)(c / 128);
+        float s =
+            m.scale_f32 ? ((const float *)m.scale)[si] : ex_e8m0(((const uint8_t *)m.scale)[si]);
+        return ex_e4m3(((const uint8_t *)m.w)[(size_t)r * m.cols + c]) * s;
+    }
+    /* MXFP4 */
+    uint8_t b = ((const uint8_t *)m.w)[(size_t)r * (m.cols / 2) + c / 2];
+    float s = ex_e8m0(((const uint8_t *)m.scale)[(size_t)r * (m.cols / 32) + c / 32]);
+    return ex_e2m1((c & 1) ? b >> 4 : b & 15) * s;
+}
+
+/* ---- dot products in cpu_dot's order ---- */
+
+/* Combine the 8 lanes of an 8-thread group (lane = threadIdx.x & 7); the result is in lane 0. */
+__device__ __forceinline__ float ex_dot8_combine(float v)
+{
+    v = v + __shfl_down_sync(0xffffffffu, v, 4, 8);
+    v = v + __shfl_down_sync(0xffffffffu, v, 1, 8);
+    v = v + __shfl_down_sync(0xffffffffu, v, 2, 8);
+    return v;
+}
+
+/* Partial of lane k (0..7) of cpu_dot(a, b, n) (a, b in any memory). */
+__device__ __forceinline__ float ex_dot8_lane(const float *a, const float *b, int n, int k)
+{
+    float acc = 0.0f;
+    for (int i = k; i < n; i += 8)
+        acc = acc + a[i] * b[i];
+    return acc;
+}
+
+/* cpu_dot(a, b, n) by one thread. */
+__device__ __forceinline__ float ex_dot_seq(const float *a, const float *b, int n)
+{
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+#pragma unroll
+        for (int k = 0; k < 8; k++)
+            acc[k] = acc[k] + a[i + k] * b[i + k];
+    }
+    for (; i < n; i++) {
+        float p = a[i] * b[i];
+        switch (i & 7) { /* constant register indices */
+        case 0:
+            acc[0] = acc[0] + p;
+            break;
+        case 1:
+            acc[1] = acc[1] + p;
+            break;
+        case 2:
+            acc[2] = acc[2] + p;
+            break;
+        case 3:
+            acc[3] = acc[3] + p;
+            break;
+        case 4:
+            acc[4] = acc[4] + p;
+            break;
+        case 5:
+            acc[5] = acc[5] + p;
+            break;
+        case 6:
+            acc[6] = acc[6] + p;
+            break;
+        default:
+            acc[7] = acc[7] + p;
+            break;
+        }
+    }
+    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
+/* Sequential sum of squares (cpu_rmsnorm / hc_mix order). */
+__device__ __forceinline__ float ex_sumsq_seq(const float *x, int n)
+{
+    float ss = 0.0f;
+    for (int i = 0; i < n; i++)
+        ss = ss + x[i] * x[i];
+    return ss;
+}
+
+/* Rotate pair i of x (interleaved) by pos * inv_freq[i], as cpu_rope. */
+__device__ __forceinline__ void ex_rope_pair(float *x, int i, const float *inv_freq, long pos,
+                                             int inverse)
+{
+    float ang = (float)pos * inv_freq[i];
+    float c = ex_cosf(ang), s = ex_sinf(ang);
+    if (inverse)
+        s = -s;
+    float a = x[2 * i], b = x[2 * i + 1];
+    x[2 * i] = a * c - b * s;
+    x[2 * i + 1] = b * c + a * s;
+}
+
+/*
+ * Block-cooperative helpers on a vector in shared memory (all threads of the block call them;
+ * they end with __syncthreads()).
+ */
+
+/* In-place FP8 (fp4 == 0, cpu_fp8_roundtrip) or FP4 (cpu_fp4_roundtrip) round trip of x (n)
+ * per `block` elements; scales: shared scratch of ceil(n / block) floats. */
+__device__ __forceinline__ void ex_block_rt(float *x, int n, int block, int fp4, float *scales)
+{
+    const int nb = (n + block - 1) / block;
+    for (int b = threadIdx.x; b < nb; b += blockDim.x) {
+        int len = n - b * block < block ? n - b * block : block;
+        float amax = fp4 ? 6.0f * ldexpf(1.0f, -126) : 1e-4f;
+        for (int j = 0; j < len; j++)
+            amax = fmaxf(amax, fabsf(x[b * block + j]));
+        scales[b] = ex_pow2_scale(amax, fp4 ? 6.0f : 448.0f);
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < n; i += blockDim.x)
+        x[i] = fp4 ? ex_fp4_rt(x[i], scales[i / block]) : ex_fp8_rt(x[i], scales[i / block]);
+    __syncthreads();
+}
+
+/* In-place cpu_hadamard(x, n), n a power of two. */
+__device__ __forceinline__ void ex_block_hadamard(float *x, int n)
+{
+    for (int h = 1; h < n; h *= 2) {
+        for (int p = threadIdx.x; p < n / 2; p += blockDim.x) {
+            int j = (p / h) * 2 * h + p % h;
+            float a = x[j], b = x[j + h];
+            x[j] = a + b;
+            x[j + h] = a - b;
+        }
+        __syncthreads();
+    }
+    float s = 1.0f / sqrtf((float)n);
+    for (int i = threadIdx.x; i < n; i += blockDim.x)
+        x[i] = x[i] * s;
+    __syncthreads();
+}
+
+/* In-place cpu_rmsnorm(x, w, n, eps, x) (w may be NULL); red: one shared float. */
+__device__ __forceinline__ void ex_block_rmsnorm(float *x, const float *w, int n, float eps,
+                                                 float *red)
+{
+    __syncthreads();
+    if (threadIdx.x == 0)
+        *red = 1.0f / sqrtf(ex_sumsq_seq(x, n) / (float)n + eps);
+    __syncthreads();
+    float r = *red;
+    for (int i = threadIdx.x; i < n; i += blockDim.x)
+        x[i] = w ? w[i] * (x[i] * r) : x[i] * r;
+    __syncthreads();
+}
+
+/* Rotate (or un-rotate) the rope_dim trailing dims starting at x (interleaved pairs). */
+__device__ __forceinline__ void ex_block_rope(float *x, int rope_dim, const float *inv_freq,
+                                              long pos, int inverse)
+{
+    for (int i = threadIdx.x; i < rope_dim / 2; i += blockDim.x)
+        ex_rope_pair(x, i, inv_freq, pos, inverse);
+    __syncthreads();
+}
+
+#endif

@@ -1,0 +1,988 @@
+/*
+ * moe_nvfp4.cu - the routed experts (NVFP4 weights) and the shared expert (FP8 weights) of one
+ * DSV4 MoE layer, for T tokens with K experts each.
+ *
+ * Pipeline (one stream, no host sync, no allocation, no atomics on outputs):
+ *   1. x -> BF16.
+ *   2. Grouping (one block): count the (token, slot) pairs per expert, scan, emit a tile list
+ *      (expert, first grouped position, count <= BT) and the grouped slot order. Slots with an
+ *      id outside [0, E) (padding rows) are dropped; duplicate ids in a row are two slots.
+ *   3. GEMM1 per (tile, 16-row block of w13): gate and up rows of the same 8 channels in one
+ *      mma.sync m16n8k16 tile (weights = A from registers, tokens = N), NVFP4 nibbles turned
+ *      into BF16 with two bit operations and scaled pre-MMA by the block scale (exact); FP32
+ *      sums times the per-matrix alpha, clamped SwiGLU, routing weight, BF16 -> h.
+ *      The shared expert runs the same kernel with the FP8 decoder over all T tokens.
+ *   4. GEMM2 (down) likewise, h -> y per slot (FP32).
+ *   5. Combine: out[t] = sum_j y[t*K+j] in slot order + shared[t] (deterministic).
+ * The tile grid is sized on the host from an upper bound of the tile count; blocks past the
+ * device-side count exit at once.
+ *
+ * Work split inside a GEMM block: RB warps own 16-row blocks, KS warps split K; the KS partial
+ * sums are added in a fixed order through shared memory.
+ *
+ * THREAD SAFETY: launches only; reentrant.
+ */
+#include "kernels/cuda/moe_internal.cuh"
+
+enum { WF_NVFP4 = 0, WF_FP8 = 1 };
+enum { STAGE_GATEUP = 1, STAGE_DOWN = 2 };
+
+struct gemm_args {
+    const uint8_t *w;             /* packed weights (expert 0) */
+    const uint8_t *ws;            /* NVFP4 packed scales (expert 0) */
+    const uint16_t *fac;          /* FP8 factors */
+    size_t w_estride, ws_estride; /* bytes per expert */
+    const float *alpha;           /* routed: (E, 2) gate/up or (E) down */
+    float alpha_c0, alpha_c1;     /* shared: gate/up or down */
+    int N, Kd;                    /* weight rows, reduction length */
+    const int4 *tiles;            /* routed tile list */
+    const int32_t *ntiles;        /* routed tile count (device) */
+    int T;                        /* shared: tokens */
+    const int32_t *sorted;        /* routed: slot of each grouped position */
+    const float *route_w;         /* routed: (T*K) */
+    int topk;
+    const __nv_bfloat16 *in; /* GEMM1: x (T, d) by token; GEMM2: h (pos, I) */
+    int late_wait;           /* shared GEMM1 only: `in` was written two kernels back, so the
+                              * whole product runs before the dependency wait */
+    __nv_bfloat16 *hout;     /* GEMM1: (pos, I) */
+    float *yout;             /* GEMM2: routed (slot, d), shared (t, d) */
+    float limit;
+};
+
+/* NVFP4 code word (8 nibbles, kernels.h order) + two scale bytes -> one A fragment. */
+__device__ __forceinline__ void dequant_nvfp4(uint32_t q, uint32_t sg, uint32_t sg8,
+                                              uint32_t (&a)[4])
+{
+    uint32_t q4 = q << 4, q8 = q << 8, q12 = q << 12;
+    a[0] = kern__bf16x2_mul((q & 0x80008000u) | ((q & 0x70007000u) >> 6), sg);
+    a[1] = kern__bf16x2_mul((q4 & 0x80008000u) | ((q4 & 0x70007000u) >> 6), sg8);
+    a[2] = kern__bf16x2_mul((q8 & 0x80008000u) | ((q8 & 0x70007000u) >> 6), sg);
+    a[3] = kern__bf16x2_mul((q12 & 0x80008000u) | ((q12 & 0x70007000u) >> 6), sg8);
+}
+
+/* "UE5M3" scale byte -> BF16 of (scale * 2^118), broadcast to both halves. */
+__device__ __forceinline__ uint32_t nvfp4_scale_bf16x2(uint32_t ks)
+{
+    return ((ks << 4) + 0x7580u) * 0x10001u;
+}
+
+/* Two E4M3 bytes (byte pair `hi` of w) -> BF16x2 of value * 2^-120 (exact). */
+__device__ __forceinline__ uint32_t e4m3x2_to_bf16x2(uint32_t w, int hi)
+{
+    uint32_t t = __byte_perm(w, 0u, hi ? 0x3424 : 0x1404);
+    return (t & 0x80008000u) | ((t & 0x7f007f00u) >> 4);
+}
+
+__device__ __forceinline__ void dequant_fp8(uint32_t w0, uint32_t w1, uint32_t fg, uint32_t fg8,
+                                            uint32_t (&a)[4])
+{
+    a[0] = kern__bf16x2_mul(e4m3x2_to_bf16x2(w0, 0), fg);
+    a[1] = kern__bf16x2_mul(e4m3x2_to_bf16x2(w0, 1), fg8);
+    a[2] = kern__bf16x2_mul(e4m3x2_to_bf16x2(w1, 0), fg);
+    a[3] = kern__bf16x2_mul(e4m3x2_to_bf16x2(w1, 1), fg8);
+}
+
+__device__ __forceinline__ uint32_t word_of(const uint4 &v, int i)
+{
+    return i == 0 ? v.x : (i == 1 ? v.y : (i == 2 ? v.z : v.w));
+}
+
+/*
+ * One GEMM tile. Programmatic dependent launch: a kernel waits (griddepcontrol.wait) for its
+ * predecessor before reading what that one wrote, and lets its successor launch only after
+ * that wait, so a successor may read, before its own wait, anything written two kernels back:
+ * GEMM2 reads the tile list (from the grouping kernel) and starts streaming its first weights
+ * while GEMM1 drains; the shared expert (static weights) prefetches before waiting too.
+ */
+template <int STAGE, int WF, int NT, int RB, int KS>
+__device__ __forceinline__ void gemm_body(const gemm_args &a, int tile, float *red)
+{
+    constexpr bool routed = WF == WF_NVFP4;
+    constexpr bool early_wait =
+        routed && STAGE == STAGE_GATEUP; /* tiles come from the predecessor */
+    if (early_wait) {
+        kern__pdl_wait();
+        kern__pdl_launch();
+    }
+    int e = 0, start, cnt;
+    if (routed) {
+        if (tile >= *a.ntiles)
+            return;
+        int4 tl = a.tiles[tile];
+        e = tl.x;
+        start = tl.y;
+        cnt = tl.z;
+    } else {
+        start = tile * NT * 8;
+        if (start >= a.T)
+            return;
+        cnt = min(NT * 8, a.T - start);
+    }
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    const int rbw = warp % RB, ks = warp / RB;
+    const int rb = blockIdx.x * RB + rbw;
+    const int K = a.Kd, nkb = K / 64, nkq = K / 256;
+    const int kq0 = ks * (nkq / KS), kq1 = kq0 + nkq / KS;
+
+    float acc[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; n++)
+        acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+    const uint4 *brow[NT];
+    if (WF == WF_NVFP4) {
+        const uint4 *wd =
+            (const uint4 *)(a.w + (size_t)e * a.w_estride) + (size_t)rb * nkb * 32 + lane;
+        const uint2 *wsc =
+            (const uint2 *)(a.ws + (size_t)e * a.ws_estride) + (size_t)rb * nkq * 32 + lane;
+        /* two 256-column groups in flight ahead of the one being multiplied */
+        uint4 cur[4], n1[4];
+        uint2 csc = kern__ld_stream2(wsc + (size_t)kq0 * 32), nsc1 = csc;
+#pragma unroll
+        for (int b = 0; b < 4; b++)
+            cur[b] = kern__ld_stream(wd + ((size_t)kq0 * 4 + b) * 32);
+        if (kq0 + 1 < kq1) {
+            nsc1 = kern__ld_stream2(wsc + (size_t)(kq0 + 1) * 32);
+#pragma unroll
+            for (int b = 0; b < 4; b++)
+                n1[b] = kern__ld_stream(wd + ((size_t)(kq0 + 1) * 4 + b) * 32);
+        }
+        if (!early_wait) {
+            kern__pdl_wait();
+            kern__pdl_launch();
+        }
+        /* B rows: token g of each 8-token group; rows past cnt repeat a valid row (discarded) */
+#pragma unroll
+        for (int n = 0; n < NT; n++) {
+            int j = min(n * 8 + g, cnt - 1), pos = start + j;
+            int row = (STAGE == STAGE_GATEUP && routed) ? a.sorted[pos] / a.topk : pos;
+            brow[n] = (const uint4 *)(a.in + (size_t)row * K) + 2 * c;
+        }
+        for (int kq = kq0; kq < kq1; kq++) {
+            uint4 n2[4];
+            uint2 nsc2 = nsc1;
+            if (kq + 2 < kq1) {
+                nsc2 = kern__ld_stream2(wsc + (size_t)(kq + 2) * 32);
+#pragma unroll
+                for (int b = 0; b < 4; b++)
+                    n2[b] = kern__ld_stream(wd + ((size_t)(kq + 2) * 4 + b) * 32);
+            }
+#pragma unroll
+            for (int b = 0; b < 4; b++) {
+                const int kb = kq * 4 + b;
+                uint4 bx[NT][2];
+#pragma unroll
+                for (int n = 0; n < NT; n++) {
+                    bx[n][0] = __ldg(brow[n] + (size_t)kb * 8);
+                    bx[n][1] = __ldg(brow[n] + (size_t)kb * 8 + 1);
+                }
+                uint32_t sw = b < 2 ? csc.x : csc.y;
+                uint32_t sh = (b & 1) ? sw >> 16 : sw;
+                uint32_t sg = nvfp4_scale_bf16x2(sh & 0xffu),
+                         sg8 = nvfp4_scale_bf16x2((sh >> 8) & 0xffu);
+#pragma unroll
+                for (int s = 0; s < 4; s++) {
+                    uint32_t af[4];
+                    dequant_nvfp4(word_of(cur[b], s), sg, sg8, af);
+#pragma unroll
+                    for (int n = 0; n < NT; n++)
+                        kern__mma_bf16(acc[n], af[0], af[1], af[2], af[3],
+                                       word_of(bx[n][s >> 1], (s & 1) * 2),
+                                       word_of(bx[n][s >> 1], (s & 1) * 2 + 1));
+                }
+            }
+#pragma unroll
+            for (int b = 0; b < 4; b++) {
+                cur[b] = n1[b];
+                n1[b] = n2[b];
+            }
+            csc = nsc1;
+            nsc1 = nsc2;
+        }
+    } else {
+        const uint4 *wd = (const uint4 *)a.w + (size_t)rb * nkb * 64 + lane;
+        const uint32_t *fac = (const uint32_t *)(a.fac + (size_t)rb * (K / 128) * 2);
+        uint4 nx[4][2];
+#pragma unroll
+        for (int b = 0; b < 4; b++) {
+            nx[b][0] = kern__ld_stream(wd + ((size_t)(kq0 * 4 + b) * 2) * 32);
+            nx[b][1] = kern__ld_stream(wd + ((size_t)(kq0 * 4 + b) * 2 + 1) * 32);
+        }
+        if (!a.late_wait) {
+            kern__pdl_wait();
+            kern__pdl_launch();
+        }
+        /* B rows: token g of each 8-token group; rows past cnt repeat a valid row (discarded) */
+#pragma unroll
+        for (int n = 0; n < NT; n++) {
+            int j = min(n * 8 + g, cnt - 1), pos = start + j;
+            int row = (STAGE == STAGE_GATEUP && routed) ? a.sorted[pos] / a.topk : pos;
+            brow[n] = (const uint4 *)(a.in + (size_t)row * K) + 2 * c;
+        }
+        for (int kq = kq0; kq < kq1; kq++) {
+            uint4 cur[4][2];
+#pragma unroll
+            for (int b = 0; b < 4; b++) {
+                cur[b][0] = nx[b][0];
+                cur[b][1] = nx[b][1];
+            }
+            if (kq + 1 < kq1) {
+#pragma unroll
+                for (int b = 0; b < 4; b++) {
+                    nx[b][0] = kern__ld_stream(wd + ((size_t)((kq + 1) * 4 + b) * 2) * 32);
+                    nx[b][1] = kern__ld_stream(wd + ((size_t)((kq + 1) * 4 + b) * 2 + 1) * 32);
+                }
+            }
+#pragma unroll
+            for (int b = 0; b < 4; b++) {
+                const int kb = kq * 4 + b;
+                uint4 bx[NT][2];
+#pragma unroll
+                for (int n = 0; n < NT; n++) {
+                    bx[n][0] = __ldg(brow[n] + (size_t)kb * 8);
+                    bx[n][1] = __ldg(brow[n] + (size_t)kb * 8 + 1);
+                }
+                uint32_t f = __ldg(fac + kb / 2);
+                uint32_t fg = (f & 0xffffu) * 0x10001u, fg8 = (f >> 16) * 0x10001u;
+#pragma unroll
+                for (int s = 0; s < 4; s++) {
+                    uint32_t af[4];
+                    const uint4 &v = cur[b][s >> 1];
+                    dequant_fp8(word_of(v, (s & 1) * 2), word_of(v, (s & 1) * 2 + 1), fg, fg8, af);
+#pragma unroll
+                    for (int n = 0; n < NT; n++)
+                        kern__mma_bf16(acc[n], af[0], af[1], af[2], af[3],
+                                       word_of(bx[n][s >> 1], (s & 1) * 2),
+                                       word_of(bx[n][s >> 1], (s & 1) * 2 + 1));
+                }
+            }
+        }
+    }
+
+    if (!routed && a.late_wait) { /* every warp of the block, before any exits */
+        kern__pdl_wait();
+        kern__pdl_launch();
+    }
+    /* split-K partial sums, added in ks order */
+    if (KS > 1) {
+        if (ks > 0) {
+#pragma unroll
+            for (int n = 0; n < NT; n++)
+#pragma unroll
+                for (int i = 0; i < 4; i++)
+                    red[((((ks - 1) * RB + rbw) * NT + n) * 4 + i) * 32 + lane] = acc[n][i];
+        }
+        __syncthreads();
+        if (ks > 0)
+            return;
+        for (int k2 = 1; k2 < KS; k2++)
+#pragma unroll
+            for (int n = 0; n < NT; n++)
+#pragma unroll
+                for (int i = 0; i < 4; i++)
+                    acc[n][i] += red[((((k2 - 1) * RB + rbw) * NT + n) * 4 + i) * 32 + lane];
+    }
+
+    if (STAGE == STAGE_GATEUP) {
+        const int I = a.N / 2, ch = rb * 8 + g;
+        const float ag = routed ? a.alpha[2 * e] : a.alpha_c0;
+        const float au = routed ? a.alpha[2 * e + 1] : a.alpha_c1;
+        const float L = a.limit;
+#pragma unroll
+        for (int n = 0; n < NT; n++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                int j = n * 8 + 2 * c + h;
+                if (j >= cnt)
+                    continue;
+                int pos = start + j;
+                float wr = routed ? a.route_w[a.sorted[pos]] : 1.0f;
+                float gv = fminf(acc[n][h] * ag, L);
+                float uv = fminf(fmaxf(acc[n][2 + h] * au, -L), L);
+                float hv = wr * (gv / (1.0f + expf(-gv))) * uv;
+                a.hout[(size_t)pos * I + ch] = __float2bfloat16_rn(hv);
+            }
+    } else {
+        const int o0 = rb * 16 + g;
+        const float al = routed ? a.alpha[e] : a.alpha_c0;
+#pragma unroll
+        for (int n = 0; n < NT; n++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                int j = n * 8 + 2 * c + h;
+                if (j >= cnt)
+                    continue;
+                int pos = start + j;
+                int dst = routed ? a.sorted[pos] : pos;
+                a.yout[(size_t)dst * a.N + o0] = acc[n][h] * al;
+                a.yout[(size_t)dst * a.N + o0 + 8] = acc[n][2 + h] * al;
+            }
+    }
+}
+
+/* Shared-expert tiles (FP8) in blockIdx.y < sh_tiles (scheduled first: they need no routing),
+ * routed tiles (NVFP4) after them. */
+template <int STAGE, int NT, int RB, int KS>
+__global__ void __launch_bounds__(RB *KS * 32)
+    moe_gemm(const gemm_args a, const gemm_args sh, int sh_tiles)
+{
+    __shared__ float red[(KS > 1 ? KS - 1 : 1) * RB * NT * 4 * 32];
+    if ((int)blockIdx.y < sh_tiles)
+        gemm_body<STAGE, WF_FP8, NT, RB, KS>(sh, blockIdx.y, red);
+    else
+        gemm_body<STAGE, WF_NVFP4, NT, RB, KS>(a, blockIdx.y - sh_tiles, red);
+}
+
+/* ---- large T: wgmma (sm_90a) ----
+ *
+ * Block = MOE_WGS warpgroups = 64*MOE_WGS weight rows (warp w owns 16-row block w of them) x BN
+ * tokens. Weights stream global -> registers (one chunk ahead), are dequantised into the
+ * warp's wgmma A fragment (the mma.m16n8k16 A layout, so the NVFP4/FP8 decoders are shared
+ * with the small-T kernel) and multiplied with activation tiles that cp.async stages through
+ * a 4-deep ring of 128-byte-swizzled K-major shared-memory tiles (64 BF16 of K per row).
+ * The A fragment's k order inside each 64-column chunk is the packing's, not the natural one,
+ * so this path keeps its activations (x in BF16 and h) in the permuted order perm64() of
+ * each 64-element chunk, written that way by moe_prep and the GEMM1 epilogue.
+ */
+#define WG_STAGES   4 /* activation ring depth */
+#define WG_PREFETCH 2 /* chunks in flight ahead: WG_STAGES - 2, see WG_CHUNK */
+/* wgmma groups left in flight at the end of a chunk: 1 overlaps the next chunk's dequant with
+ * this chunk's MMAs but makes ptxas serialise the wgmmas (C7513: registers of the other A
+ * buffer are written inside the pipeline stage); 0 waits. */
+#ifndef MOE_WG_INFLIGHT
+#define MOE_WG_INFLIGHT 0
+#endif
+/* warpgroups per block (64 weight rows each): 4 = one 512-thread block per SM sharing each
+ * activation tile over 256 rows; 2 = two independent 256-thread blocks per SM */
+#ifndef MOE_WGS
+#define MOE_WGS 4
+#endif
+#define WG_THREADS (MOE_WGS * 128)
+
+/* position of element i (of a row) in the permuted activation layout */
+__device__ __forceinline__ int perm64(int i)
+{
+    int q = i & 63, w = q >> 1;
+    int c = w >> 3, s = (w >> 1) & 3, h = w & 1;
+    return (i & ~63) | ((8 * s + 4 * h + c) << 1) | (q & 1);
+}
+
+__device__ __forceinline__ void cp_async16(void *dst, const void *src, int bytes)
+{
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
+                     (uint32_t)__cvta_generic_to_shared(dst)),
+                 "l"(src), "r"(bytes)
+                 : "memory");
+}
+
+template <int BN> struct wg_acc;
+template <> struct wg_acc<64> {
+    __device__ __forceinline__ static void mma(float (&d)[32], const uint32_t (&a)[4], uint64_t b)
+    {
+        kern__wgmma_m64n64k16_rs(d, a[0], a[1], a[2], a[3], b);
+    }
+};
+template <> struct wg_acc<128> {
+    __device__ __forceinline__ static void mma(float (&d)[64], const uint32_t (&a)[4], uint64_t b)
+    {
+        kern__wgmma_m64n128k16_rs(d, a[0], a[1], a[2], a[3], b);
+    }
+};
+
+template <int STAGE, int WF, int BN>
+__device__ __forceinline__ void wg_body(const gemm_args &a, int tile, char *smem)
+{
+    constexpr bool routed = WF == WF_NVFP4;
+    constexpr bool early_wait = routed && STAGE == STAGE_GATEUP;
+    constexpr int CH = BN * 8 / WG_THREADS; /* 16-byte chunks per thread per stage */
+    if (early_wait) {
+        kern__pdl_wait();
+        kern__pdl_launch();
+    }
+    int e = 0, start, cnt;
+    if (routed) {
+        if (tile >= *a.ntiles)
+            return;
+        int4 tl = a.tiles[tile];
+        e = tl.x;
+        start = tl.y;
+        cnt = tl.z;
+    } else {
+        start = tile * BN;
+        if (start >= a.T)
+            return;
+        cnt = min(BN, a.T - start);
+    }
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
+    const int rb = blockIdx.x * (4 * MOE_WGS) + warp;
+    const int K = a.Kd, nkb = K / 64;
+
+    /* weights: this warp's 16 rows, one 64-column chunk ahead in registers */
+    const uint4 *wd;
+    const uint2 *wsc = NULL;
+    const uint32_t *fac = NULL;
+    uint4 nw0, nw1 = make_uint4(0, 0, 0, 0), nw2 = make_uint4(0, 0, 0, 0);
+    uint2 nsc = make_uint2(0, 0), nsc2 = make_uint2(0, 0);
+    uint32_t nf = 0;
+    if (routed) { /* NVFP4: data two chunks ahead, scales one 256-column group ahead */
+        wd = (const uint4 *)(a.w + (size_t)e * a.w_estride) + (size_t)rb * nkb * 32 + lane;
+        wsc = (const uint2 *)(a.ws + (size_t)e * a.ws_estride) + (size_t)rb * (K / 256) * 32 + lane;
+        nw0 = kern__ld_stream(wd);
+        if (nkb > 1)
+            nw2 = kern__ld_stream(wd + 32);
+        nsc = kern__ld_stream2(wsc);
+        if (nkb > 4)
+            nsc2 = kern__ld_stream2(wsc + 32);
+    } else {
+        wd = (const uint4 *)a.w + (size_t)rb * nkb * 64 + lane;
+        fac = (const uint32_t *)(a.fac + (size_t)rb * (K / 128) * 2);
+        nw0 = kern__ld_stream(wd);
+        nw1 = kern__ld_stream(wd + 32);
+        nf = __ldg(fac);
+    }
+    if (!early_wait) {
+        kern__pdl_wait();
+        kern__pdl_launch();
+    }
+    /* activation rows of my cp.async chunks (rows past cnt are zero-filled) */
+    const char *src[CH];
+    uint32_t dst[CH];
+    int sz[CH];
+#pragma unroll
+    for (int i = 0; i < CH; i++) {
+        int q = tid + i * WG_THREADS, r = q >> 3, j = q & 7;
+        int pos = start + min(r, cnt - 1);
+        int row = (STAGE == STAGE_GATEUP && routed) ? a.sorted[pos] / a.topk : pos;
+        src[i] = (const char *)(a.in + (size_t)row * K) + j * 16;
+        dst[i] = r * 128 + ((j ^ (r & 7)) << 4);
+        sz[i] = r < cnt ? 16 : 0;
+    }
+    const int stage_bytes = BN * 128;
+#pragma unroll
+    for (int st = 0; st < WG_PREFETCH; st++) {
+        if (st < nkb)
+#pragma unroll
+            for (int i = 0; i < CH; i++)
+                cp_async16(smem + st * stage_bytes + dst[i], src[i] + (size_t)st * 128, sz[i]);
+        asm volatile("cp.async.commit_group;\n" ::: "memory");
+    }
+    float acc[BN / 2];
+#pragma unroll
+    for (int i = 0; i < BN / 2; i++)
+        acc[i] = 0.0f;
+
+        /* One 64-column chunk: (1) its activations are in (cp.async group complete + barrier);
+         * (2) refill the stage of chunk kb-2 (finished by every warpgroup: each waited for its
+         * chunk kb-2 wgmmas before the barrier) with chunk kb+2; (3) dequantise into the A buffer
+         * of chunk kb-2 (free for the same reason); (4) issue 4 wgmmas and keep one chunk in
+         * flight while the next chunk is prepared. */
+#define WG_CHUNK(KB, AF)                                                                           \
+    do {                                                                                           \
+        const int kb_ = (KB);                                                                      \
+        asm volatile("cp.async.wait_group %0;\n" ::"n"(WG_PREFETCH - 1) : "memory");               \
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");                             \
+        __syncthreads();                                                                           \
+        {                                                                                          \
+            int nk = kb_ + WG_PREFETCH;                                                            \
+            if (nk < nkb)                                                                          \
+                _Pragma("unroll") for (int i = 0; i < CH; i++)                                     \
+                    cp_async16(smem + (nk % WG_STAGES) * stage_bytes + dst[i],                     \
+                               src[i] + (size_t)nk * 128, sz[i]);                                  \
+            asm volatile("cp.async.commit_group;\n" ::: "memory");                                 \
+        }                                                                                          \
+        uint4 w0 = nw0, w1 = nw1;                                                                  \
+        uint32_t f = nf;                                                                           \
+        if (routed && kb_ > 0 && (kb_ & 3) == 0) {                                                 \
+            nsc = nsc2;                                                                            \
+            if (kb_ + 4 < nkb)                                                                     \
+                nsc2 = kern__ld_stream2(wsc + (size_t)((kb_ >> 2) + 1) * 32);                      \
+        }                                                                                          \
+        uint2 sc = nsc;                                                                            \
+        if (kb_ + 1 < nkb) {                                                                       \
+            if (routed) {                                                                          \
+                nw0 = nw2;                                                                         \
+                if (kb_ + 2 < nkb)                                                                 \
+                    nw2 = kern__ld_stream(wd + (size_t)(kb_ + 2) * 32);                            \
+            } else {                                                                               \
+                nw0 = kern__ld_stream(wd + (size_t)(kb_ + 1) * 64);                                \
+                nw1 = kern__ld_stream(wd + (size_t)(kb_ + 1) * 64 + 32);                           \
+                if (((kb_ + 1) & 1) == 0)                                                          \
+                    nf = __ldg(fac + (kb_ + 1) / 2);                                               \
+            }                                                                                      \
+        }                                                                                          \
+        if (routed) {                                                                              \
+            int b_ = kb_ & 3;                                                                      \
+            uint32_t sw = b_ < 2 ? sc.x : sc.y;                                                    \
+            uint32_t sh_ = (b_ & 1) ? sw >> 16 : sw;                                               \
+            uint32_t sg = nvfp4_scale_bf16x2(sh_ & 0xffu);                                         \
+            uint32_t sg8 = nvfp4_scale_bf16x2((sh_ >> 8) & 0xffu);                                 \
+            _Pragma("unroll") for (int s = 0; s < 4; s++)                                          \
+                dequant_nvfp4(word_of(w0, s), sg, sg8, AF[s]);                                     \
+        } else {                                                                                   \
+            uint32_t fg = (f & 0xffffu) * 0x10001u, fg8 = (f >> 16) * 0x10001u;                    \
+            _Pragma("unroll") for (int s = 0; s < 4; s++)                                          \
+            {                                                                                      \
+                const uint4 &v = (s >> 1) ? w1 : w0;                                               \
+                dequant_fp8(word_of(v, (s & 1) * 2), word_of(v, (s & 1) * 2 + 1), fg, fg8, AF[s]); \
+            }                                                                                      \
+        }                                                                                          \
+        const uint64_t d0 = kern__desc_sw128(smem + (kb_ % WG_STAGES) * stage_bytes);              \
+        const uint64_t dsc[4] = {d0, d0 + 2, d0 + 4, d0 + 6};                                      \
+        kern__wgmma_fence();                                                                       \
+        _Pragma("unroll") for (int s = 0; s < 4; s++) wg_acc<BN>::mma(acc, AF[s], dsc[s]);         \
+        kern__wgmma_commit();                                                                      \
+        kern__wgmma_wait<MOE_WG_INFLIGHT>();                                                       \
+    } while (0)
+
+    uint32_t afa[4][4];
+#if MOE_WG_INFLIGHT
+    uint32_t afb[4][4];
+#else
+#define afb afa
+#endif
+    for (int kb = 0; kb < nkb; kb += 2) {
+        WG_CHUNK(kb, afa);
+        if (kb + 1 < nkb)
+            WG_CHUNK(kb + 1, afb);
+    }
+#undef afb
+#undef WG_CHUNK
+    kern__wgmma_wait<0>();
+    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+    __syncthreads(); /* the stage ring is reused by the GEMM1 epilogue */
+
+    /* epilogue: acc[4n + i] is the mma.m16n8k16 C fragment of token group n */
+    if (STAGE == STAGE_GATEUP) {
+        const int I = a.N / 2, ch = perm64(rb * 8 + g);
+        const float ag = routed ? a.alpha[2 * e] : a.alpha_c0;
+        const float au = routed ? a.alpha[2 * e + 1] : a.alpha_c1;
+        const float L = a.limit;
+#pragma unroll
+        for (int n = 0; n < BN / 8; n++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                int j = n * 8 + 2 * c + h;
+                if (j >= cnt)
+                    continue;
+                int pos = start + j;
+                float wr = routed ? a.route_w[a.sorted[pos]] : 1.0f;
+                float gv = fminf(acc[4 * n + h] * ag, L);
+                float uv = fminf(fmaxf(acc[4 * n + 2 + h] * au, -L), L);
+                float hv = wr * (gv / (1.0f + expf(-gv))) * uv;
+                if (MOE_WGS == 2) /* staged: this block owns exactly one 64-channel chunk */
+                    ((__nv_bfloat16 *)smem)[j * 64 + (ch & 63)] = __float2bfloat16_rn(hv);
+                else
+                    a.hout[(size_t)pos * I + ch] = __float2bfloat16_rn(hv);
+            }
+        if (MOE_WGS == 2) {
+            __syncthreads();
+            const int c0 = blockIdx.x * 64; /* = perm64 chunk base of this block's channels */
+            for (int q = tid; q < cnt * 8; q += WG_THREADS) {
+                int j = q >> 3, part = q & 7;
+                *(uint4 *)(a.hout + (size_t)(start + j) * I + c0 + part * 8) =
+                    *(const uint4 *)(smem + j * 128 + part * 16);
+            }
+        }
+    } else {
+        const int o0 = rb * 16 + g;
+        const float al = routed ? a.alpha[e] : a.alpha_c0;
+#pragma unroll
+        for (int n = 0; n < BN / 8; n++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                int j = n * 8 + 2 * c + h;
+                if (j >= cnt)
+                    continue;
+                int pos = start + j;
+                int dsti = routed ? a.sorted[pos] : pos;
+                a.yout[(size_t)dsti * a.N + o0] = acc[4 * n + h] * al;
+                a.yout[(size_t)dsti * a.N + o0 + 8] = acc[4 * n + 2 + h] * al;
+            }
+    }
+}
+
+template <int STAGE, int BN>
+__global__ void __launch_bounds__(WG_THREADS, MOE_WGS == 2 ? 2 : 1)
+    moe_gemm_wg(const gemm_args a, const gemm_args sh, int sh_tiles)
+{
+    extern __shared__ char smem_raw[];
+    char *smem = (char *)(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
+    if ((int)blockIdx.y < sh_tiles)
+        wg_body<STAGE, WF_FP8, BN>(sh, blockIdx.y, smem);
+    else
+        wg_body<STAGE, WF_NVFP4, BN>(a, blockIdx.y - sh_tiles, smem);
+}
+
+/* ---- grouping ---- */
+
+#define MOE_GROUP_THREADS 1024
+
+/* Block-wide exclusive scan of one int per thread; returns the exclusive prefix, *total. */
+__device__ int block_scan(int v, int *total, int *smem /* 33 */)
+{
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    int x = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        int y = __shfl_up_sync(0xffffffffu, x, o);
+        if (lane >= o)
+            x += y;
+    }
+    if (lane == 31)
+        smem[wid] = x;
+    __syncthreads();
+    if (wid == 0) {
+        int s = lane < (int)(blockDim.x / 32) ? smem[lane] : 0;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            int y = __shfl_up_sync(0xffffffffu, s, o);
+            if (lane >= o)
+                s += y;
+        }
+        smem[lane] = s; /* inclusive warp-total prefix */
+    }
+    __syncthreads();
+    int base = wid ? smem[wid - 1] : 0;
+    *total = smem[blockDim.x / 32 - 1];
+    __syncthreads();
+    return base + x - v;
+}
+
+/* Router fused into the grouping block (kern_moe_forward with small T). */
+struct prep_route {
+    const float *logits; /* (T, E) */
+    const float *bias;
+    const int32_t *tid2eid, *tokens;
+    int vocab, T;
+    float route_scale;
+    int32_t *idx; /* (T, K) written */
+    float *w;     /* (T, K) written */
+};
+
+/*
+ * Block 0 groups the (token, slot) pairs by expert (after routing the tokens itself when
+ * rt.logits is set); blocks 1.. convert x to BF16 (which does not depend on the router, so
+ * they run before the dependency wait).
+ */
+__global__ void __launch_bounds__(MOE_GROUP_THREADS)
+    moe_prep(const int32_t *__restrict__ idx,                     /* (TK) */
+             int TK, int E, int BT, int32_t *__restrict__ sorted, /* (TK) */
+             int4 *__restrict__ tiles, int32_t *__restrict__ ntiles,
+             const float *__restrict__ x, /* (T, d) */
+             __nv_bfloat16 *__restrict__ xb, size_t n4, int perm, const prep_route rt)
+{
+    if (blockIdx.x > 0) {
+        for (size_t i = (blockIdx.x - 1) * (size_t)blockDim.x + threadIdx.x; i < n4;
+             i += (size_t)(gridDim.x - 1) * blockDim.x) {
+            float4 v = __ldg((const float4 *)x + i);
+            size_t e0 = 4 * i, e2 = 4 * i + 2;
+            if (perm) { /* rows are multiples of 64 long: permute inside the 64-chunk */
+                e0 = (e0 & ~(size_t)63) | (size_t)perm64((int)(e0 & 63));
+                e2 = (e2 & ~(size_t)63) | (size_t)perm64((int)(e2 & 63));
+            }
+            *(__nv_bfloat162 *)(xb + e0) = __floats2bfloat162_rn(v.x, v.y);
+            *(__nv_bfloat162 *)(xb + e2) = __floats2bfloat162_rn(v.z, v.w);
+        }
+        kern__pdl_wait();
+        kern__pdl_launch();
+        return;
+    }
+    kern__pdl_wait();
+    kern__pdl_launch();
+    if (rt.logits) {
+        const int K = TK / rt.T;
+        for (int t = threadIdx.x >> 5; t < rt.T; t += blockDim.x >> 5)
+            moe__topk_token(t, threadIdx.x & 31, rt.logits, E, K, rt.bias, rt.tid2eid, rt.vocab,
+                            rt.tokens, rt.route_scale, rt.idx, rt.w);
+        __threadfence_block();
+        __syncthreads();
+    }
+    extern __shared__ int sm[]; /* cnt[E], fill[E], off[E] */
+    __shared__ int scan_tmp[33];
+    int *cnt = sm, *fill = sm + E, *off = sm + 2 * E;
+    const int tid = threadIdx.x;
+    for (int e = tid; e < E; e += blockDim.x)
+        cnt[e] = fill[e] = 0;
+    __syncthreads();
+    for (int i = tid; i < TK; i += blockDim.x) {
+        int e = idx[i];
+        if (e >= 0 && e < E)
+            atomicAdd(&cnt[e], 1);
+    }
+    __syncthreads();
+    /* E <= blockDim.x: one expert per thread */
+    int c = tid < E ? cnt[tid] : 0;
+    int total;
+    int o = block_scan(c, &total, scan_tmp);
+    int nt = (c + BT - 1) / BT, ttot;
+    int tb = block_scan(nt, &ttot, scan_tmp);
+    if (tid < E) {
+        off[tid] = o;
+        for (int i = 0; i < nt; i++)
+            tiles[tb + i] = make_int4(tid, o + i * BT, min(BT, c - i * BT), 0);
+    }
+    if (tid == 0)
+        *ntiles = ttot;
+    __syncthreads();
+    /* placement; the order inside an expert does not change any value (columns of the
+     * GEMMs are independent), so the output stays bit-reproducible */
+    for (int i = tid; i < TK; i += blockDim.x) {
+        int e = idx[i];
+        if (e >= 0 && e < E)
+            sorted[off[e] + atomicAdd(&fill[e], 1)] = i;
+    }
+}
+
+__global__ void moe_combine(const float *__restrict__ yslot, /* (T*K, d) */
+                            const float *__restrict__ ysh,   /* (T, d) or NULL */
+                            const int32_t *__restrict__ idx, /* (T, K) */
+                            int T, int K, int E, int d, float *__restrict__ out /* (T, d) */)
+{
+    const int t = blockIdx.y, k4 = blockIdx.x * blockDim.x + threadIdx.x;
+    kern__pdl_wait();
+    kern__pdl_launch();
+    if (k4 * 4 >= d)
+        return;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int j = 0; j < K; j++) {
+        int e = idx[(size_t)t * K + j];
+        if (e < 0 || e >= E)
+            continue;
+        float4 v = __ldg((const float4 *)(yslot + ((size_t)t * K + j) * d) + k4);
+        acc.x += v.x;
+        acc.y += v.y;
+        acc.z += v.z;
+        acc.w += v.w;
+    }
+    if (ysh) {
+        float4 v = __ldg((const float4 *)(ysh + (size_t)t * d) + k4);
+        acc.x += v.x;
+        acc.y += v.y;
+        acc.z += v.z;
+        acc.w += v.w;
+    }
+    ((float4 *)(out + (size_t)t * d))[k4] = acc;
+}
+
+/* ---- host side ---- */
+
+template <int STAGE, int NT, int RB, int KS>
+static int launch_gemm(const gemm_args &a, const gemm_args &sh, int rt_tiles, int sh_tiles,
+                       cudaStream_t st)
+{
+    if ((a.N / 16) % RB || (a.Kd / 256) % KS)
+        return ERR_UNSUPPORTED;
+    dim3 grid(a.N / 16 / RB, rt_tiles + sh_tiles);
+    return kern__launch(moe_gemm<STAGE, NT, RB, KS>, grid, dim3(RB * KS * 32), 0, st, 1, a, sh,
+                        sh_tiles);
+}
+
+#ifndef MOE_NT1_KS
+#define MOE_NT1_KS 4 /* split-K warps per 16-row block at 8-token tiles (8 where K allows) */
+#endif
+
+template <int STAGE>
+static int launch_nt(int NT, const gemm_args &a, const gemm_args &sh, int rt, int nsh,
+                     cudaStream_t st)
+{
+    /* split K over 4 (or 2) warps when K/256 allows it, else 8 row blocks per block */
+    const int kq = a.Kd / 256;
+    switch (NT) {
+    case 1:
+#if MOE_NT1_KS == 8
+        if (kq % 8 == 0)
+            return launch_gemm<STAGE, 1, 1, 8>(a, sh, rt, nsh, st);
+#endif
+        return kq % 4 == 0 ? launch_gemm<STAGE, 1, 1, 4>(a, sh, rt, nsh, st)
+                           : launch_gemm<STAGE, 1, 8, 1>(a, sh, rt, nsh, st);
+    case 2:
+        return kq % 4 == 0 ? launch_gemm<STAGE, 2, 1, 4>(a, sh, rt, nsh, st)
+                           : launch_gemm<STAGE, 2, 8, 1>(a, sh, rt, nsh, st);
+    default:
+        return kq % 2 == 0 ? launch_gemm<STAGE, 4, 4, 2>(a, sh, rt, nsh, st)
+                           : launch_gemm<STAGE, 4, 8, 1>(a, sh, rt, nsh, st);
+    }
+}
+
+static size_t wg_smem(int BN)
+{
+    return (size_t)WG_STAGES * BN * 128 + 1024;
+}
+
+extern "C" int kern_moe_prepare(void)
+{
+    static int done; /* benign race: idempotent */
+    if (done)
+        return 0;
+    KERN_CHECK(cudaFuncSetAttribute(moe_gemm_wg<STAGE_GATEUP, 128>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    (int)wg_smem(128)));
+    KERN_CHECK(cudaFuncSetAttribute(moe_gemm_wg<STAGE_DOWN, 128>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    (int)wg_smem(128)));
+    KERN_CHECK(cudaFuncSetAttribute(moe_gemm_wg<STAGE_GATEUP, 64>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, (int)wg_smem(64)));
+    KERN_CHECK(cudaFuncSetAttribute(moe_gemm_wg<STAGE_DOWN, 64>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, (int)wg_smem(64)));
+    done = 1;
+    return 0;
+}
+
+template <int STAGE, int BN>
+static int launch_wg(const gemm_args &a, const gemm_args &sh, int rt_tiles, int sh_tiles,
+                     cudaStream_t st)
+{
+    const size_t smem = wg_smem(BN);
+    int rc;
+    if (a.N % (64 * MOE_WGS))
+        return ERR_UNSUPPORTED;
+    if ((rc = kern_moe_prepare()))
+        return rc;
+    dim3 grid(a.N / (64 * MOE_WGS), rt_tiles + sh_tiles);
+    return kern__launch(moe_gemm_wg<STAGE, BN>, grid, dim3(WG_THREADS), smem, st, 1, a, sh,
+                        sh_tiles);
+}
+
+/*
+ * Path and tile width from the mean tokens per expert m: mma.sync with 8..32-token tiles up
+ * to m = 32 (weight-streaming, latency-bound), else wgmma with 64- or 128-token tiles.
+ * Returns the tile width BT; *wg says whether the wgmma path runs.
+ */
+static int pick_tile(const struct kern_moe_layer *L, int T, int *wg)
+{
+    long m = (long)T * L->K / L->E;
+    *wg = m > 32;
+    if (*wg)
+        return m >= 96 ? 128 : 64;
+    return m <= 8 ? 8 : (m <= 16 ? 16 : 32);
+}
+
+extern "C" size_t kern_moe_workspace_bytes(const struct kern_moe_layer *L, int T_max)
+{
+    return moe__ws_layout(L, T_max < 1 ? 1 : T_max, NULL).bytes;
+}
+
+static int moe_experts_ws(const struct kern_moe_layer *L, const float *x, const int32_t *idx,
+                          const float *w, int T, float *out, const struct moe_ws *ws,
+                          cudaStream_t st, int pdl_first, const prep_route &rt, int xb_ready)
+{
+    int rc;
+    const int d = L->d, I = L->I, E = L->E, K = L->K;
+    if (T <= 0)
+        return 0;
+    if (d % 256 || I % 256 || E > MOE_GROUP_THREADS || K < 1)
+        return ERR_UNSUPPORTED;
+    int wg;
+    const int BT = pick_tile(L, T, &wg), NT = BT / 8;
+    const int tiles_max = moe__max_tiles(T, K, E, BT), sh_tiles = (T + BT - 1) / BT;
+
+    /* pdl: the first kernel of a call is launched plainly (a full dependency on whatever
+     * ran before on the stream), the rest with programmatic dependent launch */
+    /* xb_ready: the router's kernel already wrote x in BF16 (natural order, small T) */
+    size_t n4 = xb_ready ? 0 : (size_t)T * d / 4;
+    unsigned conv = (unsigned)((n4 + MOE_GROUP_THREADS - 1) / MOE_GROUP_THREADS);
+    conv = conv < 64 ? conv : 64;
+    if ((rc = kern__launch(moe_prep, dim3(1 + conv), dim3(MOE_GROUP_THREADS), sizeof(int) * 3 * E,
+                           st, pdl_first, (const int32_t *)idx, T * K, E, BT, ws->sorted, ws->tiles,
+                           ws->ntiles, x, ws->xb, n4, wg, rt)))
+        return rc;
+
+    gemm_args a = {};
+    a.tiles = ws->tiles;
+    a.ntiles = ws->ntiles;
+    a.sorted = ws->sorted;
+    a.route_w = w;
+    a.topk = K;
+    a.T = T;
+    a.limit = L->swiglu_limit;
+
+    /* GEMM1: gate/up + SwiGLU (routed tiles, then the shared expert's) */
+    a.w = L->w13;
+    a.ws = L->w13_s;
+    a.w_estride = kern_nvfp4_data_bytes(2 * I, d);
+    a.ws_estride = kern_nvfp4_scale_bytes(2 * I, d);
+    a.alpha = L->alpha13;
+    a.N = 2 * I;
+    a.Kd = d;
+    a.in = ws->xb;
+    a.hout = ws->h;
+    gemm_args s = a;
+    s.w = L->sh13;
+    s.fac = L->sh13_f;
+    s.alpha_c0 = L->sh_alpha13[0];
+    s.alpha_c1 = L->sh_alpha13[1];
+    s.hout = ws->hsh;
+    s.late_wait = xb_ready && !wg;
+    rc = wg ? (BT == 128 ? launch_wg<STAGE_GATEUP, 128>(a, s, tiles_max, L->sh13 ? sh_tiles : 0, st)
+                         : launch_wg<STAGE_GATEUP, 64>(a, s, tiles_max, L->sh13 ? sh_tiles : 0, st))
+            : launch_nt<STAGE_GATEUP>(NT, a, s, tiles_max, L->sh13 ? sh_tiles : 0, st);
+    if (rc)
+        return rc;
+    /* GEMM2: down */
+    a.w = L->w2;
+    a.ws = L->w2_s;
+    a.w_estride = kern_nvfp4_data_bytes(d, I);
+    a.ws_estride = kern_nvfp4_scale_bytes(d, I);
+    a.alpha = L->alpha2;
+    a.N = d;
+    a.Kd = I;
+    a.in = ws->h;
+    a.yout = ws->yslot;
+    s = a;
+    s.w = L->sh2;
+    s.fac = L->sh2_f;
+    s.alpha_c0 = L->sh_alpha2;
+    s.in = ws->hsh;
+    s.yout = ws->ysh;
+    rc = wg ? (BT == 128 ? launch_wg<STAGE_DOWN, 128>(a, s, tiles_max, L->sh13 ? sh_tiles : 0, st)
+                         : launch_wg<STAGE_DOWN, 64>(a, s, tiles_max, L->sh13 ? sh_tiles : 0, st))
+            : launch_nt<STAGE_DOWN>(NT, a, s, tiles_max, L->sh13 ? sh_tiles : 0, st);
+    if (rc)
+        return rc;
+    dim3 cg((d / 4 + 255) / 256, T);
+    return kern__launch(moe_combine, cg, dim3(256), 0, st, 1, (const float *)ws->yslot,
+                        (const float *)(L->sh13 ? ws->ysh : NULL), idx, T, K, E, d, out);
+}
+
+extern "C" int kern_moe_experts(const struct kern_moe_layer *L, const float *x, const int32_t *idx,
+                                const float *w, int T, float *out, void *ws, size_t ws_bytes,
+                                struct CUstream_st *stream)
+{
+    struct moe_ws lay = moe__ws_layout(L, T, ws);
+    if (!ws || ws_bytes < lay.bytes)
+        return ERR_INVAL;
+    prep_route rt = {};
+    return moe_experts_ws(L, x, idx, w, T, out, &lay, stream, 0, rt, 0);
+}
+
+extern "C" int kern_moe_forward(const struct kern_moe_layer *L, const float *x,
+                                const int32_t *tokens, int T, float *out, void *ws, size_t ws_bytes,
+                                struct CUstream_st *stream)
+{
+    struct moe_ws lay = moe__ws_layout(L, T, ws);
+    if (!ws || ws_bytes < lay.bytes)
+        return ERR_INVAL;
+    /* T <= 32: top-K runs inside the grouping block (one launch fewer) */
+    prep_route rt = {};
+    if (T <= 32) {
+        if (L->K > 32 || L->E % 32 || L->E > 32 * MOE_MAX_EPL || (!L->tid2eid && !L->gate_bias))
+            return ERR_UNSUPPORTED;
+        rt.logits = lay.logits;
+        rt.bias = L->gate_bias;
+        rt.tid2eid = L->tid2eid;
+        rt.tokens = tokens;
+        rt.vocab = L->vocab;
+        rt.T = T;
+        rt.route_scale = L->route_scale;
+        rt.idx = lay.idx;
+        rt.w = lay.w;
+    }
+    int wg;
+    (void)pick_tile(L, T, &wg);
+    const int xb_ready = T <= 64 && !wg; /* the small-T logits kernel writes xb */
+    int rc = moe__logits(L, x, T, lay.logits, xb_ready ? lay.xb : NULL, stream);
+    if (!rc && !rt.logits)
+        rc = moe__topk(L, lay.logits, tokens, T, lay.idx, lay.w, stream);
+    if (!rc)
+        rc = moe_experts_ws(L, x, lay.idx, lay.w, T, out, &lay, stream, 1, rt, xb_ready);
+    return rc;
+}

@@ -1,0 +1,345 @@
+/*
+ * kernels.h - the one C header of the CUDA kernels (kernels/cuda/, one op family per .cu file),
+ * plus the host-side packing of weights into the layouts those kernels read
+ * (kernels/cpu/nvfp4_pack.c, plain C, built with or without nvcc).
+ *
+ * Conventions:
+ *   - Every device entry point takes a stream and returns 0 or a negative enum err
+ *     (ERR_CUDA, ERR_INVAL, ERR_UNSUPPORTED; engine/err.h). No entry point allocates or
+ *     synchronises: the caller passes a device workspace sized by the matching *_bytes query.
+ *     So each call is capturable in a CUDA graph.
+ *   - Pointers marked (device) are device memory; shapes in parentheses, row-major.
+ *   - Dimension names: T tokens, d hidden size, I expert intermediate size, E routed experts,
+ *     K experts per token (top-k).
+ *
+ * THREAD SAFETY: entry points are reentrant; calls on one stream are ordered by the stream.
+ * The device functions exist only in builds with CUDA (meson's nvcc_found); the pack functions
+ * always.
+ */
+#ifndef DSV4_KERNELS_H
+#define DSV4_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct CUstream_st; /* cudaStream_t without the CUDA headers */
+
+/* ---- weight layouts read by the MoE kernels (packed once at load, on the host) ----
+ *
+ * NVFP4 matrix (rows, cols), rows % 16 == 0, cols % 256 == 0, packed as row blocks of 16 rows
+ * and k-blocks of 64 cols, in the order the kernel's mma.sync.m16n8k16 A fragments want:
+ *   data   [rows/16][cols/64][32 lanes][16 B]: lane = 4*g + c holds the 16 elements
+ *          cols 16c..16c+15 (one NVFP4 group) of rows g and g+8 of the block, as 4 words;
+ *          word s holds the 8 codes of mma k-step s (nibbles n0..n7 from the low end):
+ *          n3,n7 = row g elements 4s,4s+1; n2,n6 = row g+8 elements 4s,4s+1;
+ *          n1,n5 = row g elements 4s+2,4s+3; n0,n4 = row g+8 elements 4s+2,4s+3.
+ *          (The kernel turns nibble pairs into BF16 pairs with two bit operations.)
+ *   scales [rows/16][cols/256][32 lanes][8 B]: byte 2*b + h = the block scale of group c of
+ *          k-block b (of the 4 in this 256-col chunk) for row g (h = 0) or g+8 (h = 1), in a
+ *          kernel encoding "UE5M3" = ((exp + 10) << 3) | mant3 of the exact E4M3 value
+ *          2^exp * (1 + mant3/8), exp in [-9, 8] (E4M3 subnormals become normal).
+ *          Zero-scale groups are stored with zero codes.
+ *   The per-matrix factor the kernel applies to its FP32 sums is alpha = s2 * 2^8
+ *   (kern_nvfp4_alpha).
+ * Gate/up: the w13 matrix of an expert is (2I, d) with 16-row block b holding gate rows
+ * 8b..8b+7 (rows 0..7 of the block) then up rows 8b..8b+7, so one thread's accumulators hold
+ * gate and up of the same channel: the clamped SwiGLU needs no data exchange.
+ *
+ * FP8 matrix (shared expert, E4M3 with 128x128 block scales as stored in the checkpoint),
+ * rows % 16 == 0, cols % 256 == 0:
+ *   data    [rows/16][cols/64][2 halves][32 lanes][16 B]: half p holds k-steps 2p, 2p+1;
+ *           per step two words: w0 = bytes (g:4s, g:4s+1, g+8:4s, g+8:4s+1),
+ *           w1 = (g:4s+2, g:4s+3, g+8:4s+2, g+8:4s+3), element index relative to 16c.
+ *   factors [rows/16][cols/128][2] BF16: for each 16-row block and 128-col block, the factor
+ *           of its rows g (0..7) and of its rows g+8, = 2^(e_blk - e_max + 120) (exact
+ *           powers of two; 0 for a zero scale), e_blk the block's UE8M0 byte (or the exponent
+ *           of an FP32 scale, which must be a power of two), e_max the matrix's largest;
+ *           alpha = 2^(e_max - 127). (Two halves, so gate/up interleaving works as above.)
+ */
+
+size_t kern_nvfp4_data_bytes(int rows, int cols);
+size_t kern_nvfp4_scale_bytes(int rows, int cols);
+/* alpha of a matrix with decode multiplier s2 (FP32): s2 * 2^8. */
+float kern_nvfp4_alpha(float s2);
+/*
+ * Pack a canonical NVFP4 matrix (q (rows, cols/2), s (rows, cols/16) E4M3; see
+ * kernels/cpu/nvfp4.h) into data/scales (host buffers of the sizes above). Returns 0, or
+ * ERR_UNSUPPORTED (shape) / ERR_FORMAT (NaN or negative scale).
+ */
+int kern_nvfp4_pack(const uint8_t *q, const uint8_t *s, int rows, int cols, uint8_t *data,
+                    uint8_t *scales);
+/* Pack gate (I, d) and up (I, d) as the interleaved w13 (2I, d) described above. */
+int kern_nvfp4_pack_gateup(const uint8_t *gq, const uint8_t *gs, const uint8_t *uq,
+                           const uint8_t *us, int I, int d, uint8_t *data, uint8_t *scales);
+/* Unpack element (r, c) of a packed matrix back to (code, E4M3 scale byte) (tests). */
+void kern_nvfp4_unpack_at(const uint8_t *data, const uint8_t *scales, int rows, int cols, int r,
+                          int c, uint8_t *code, uint8_t *scale_e4m3);
+
+size_t kern_fp8_data_bytes(int rows, int cols);
+size_t kern_fp8_factor_count(int rows, int cols); /* BF16 entries: rows/16 * cols/128 * 2 */
+/*
+ * Pack an FP8 block-scaled matrix: w (rows, cols) E4M3; scales (ceil(rows/128),
+ * ceil(cols/128)) as UE8M0 bytes (scale_f32 == 0) or FP32 powers of two (scale_f32 != 0).
+ * Writes data, factors (BF16 bits) and *alpha. ERR_FORMAT on NaN weights or scales,
+ * ERR_UNSUPPORTED on shape or a scale span over 100 binades.
+ */
+int kern_fp8_pack(const uint8_t *w, const void *scales, int scale_f32, int rows, int cols,
+                  uint8_t *data, uint16_t *factors, float *alpha);
+/* gate/up interleaved like kern_nvfp4_pack_gateup; alpha[0] gate, alpha[1] up. */
+int kern_fp8_pack_gateup(const uint8_t *gw, const void *gs, const uint8_t *uw, const void *us,
+                         int scale_f32, int I, int d, uint8_t *data, uint16_t *factors,
+                         float alpha[2]);
+
+/* ---- one MoE layer (kernels/cuda/moe_route.cu, moe_nvfp4.cu) ---- */
+
+/* Device pointers of one layer's MoE weights; borrowed, valid while calls run. */
+struct kern_moe_layer {
+    int d, I, E, K;
+    float route_scale, swiglu_limit;
+    /* router */
+    const uint16_t *gate_w; /* (E, d) BF16 (device) */
+    const float *gate_bias; /* (E) (device): dense top-K on score + bias; NULL in hash layers */
+    const int32_t *tid2eid; /* (vocab, K) (device): hash layers; NULL in dense layers */
+    int vocab;
+    /* routed experts, packed NVFP4, expert e at e * (per-expert bytes) */
+    const uint8_t *w13, *w13_s; /* (E, data/scale bytes of (2I, d)) (device) */
+    const uint8_t *w2, *w2_s;   /* (E, data/scale bytes of (d, I)) (device) */
+    const float *alpha13;       /* (E, 2) gate, up (device) */
+    const float *alpha2;        /* (E) (device) */
+    /* shared expert, packed FP8; sh13 == NULL when the layer has none */
+    const uint8_t *sh13, *sh2;      /* (device) */
+    const uint16_t *sh13_f, *sh2_f; /* BF16 factors (device) */
+    float sh_alpha13[2], sh_alpha2;
+};
+
+/*
+ * One-time setup of the MoE kernels on the current device (shared-memory limits). Call once
+ * before capturing kern_moe_* into a CUDA graph; the entry points also call it lazily.
+ */
+int kern_moe_prepare(void);
+
+/* Device workspace bytes of kern_moe_forward / kern_moe_experts for up to T_max tokens. */
+size_t kern_moe_workspace_bytes(const struct kern_moe_layer *L, int T_max);
+
+/*
+ * Router: logits = x . gate_w^T in FP32, s = sqrt(softplus(logits)); hash layers take the K
+ * ids from tid2eid[tokens[t]] (token id < 0 or >= vocab: a padding row, ids -1), dense layers
+ * the top-K of s + bias (ties to the lower id); w = s[id] / sum s[ids] * route_scale, applied
+ * exactly once. x (T, d) FP32 (device); tokens (T) (device; hash layers only, else NULL);
+ * idx (T, K) int32, w (T, K) FP32 (device, written). ws: the workspace.
+ */
+int kern_moe_route(const struct kern_moe_layer *L, const float *x, const int32_t *tokens, int T,
+                   int32_t *idx, float *w, void *ws, size_t ws_bytes, struct CUstream_st *stream);
+/*
+ * Experts: out (T, d) FP32 (device) = sum_j expert_{idx[t][j]}(x_t, w[t][j]) (j in slot order;
+ * ids outside [0, E) contribute nothing) + shared(x_t). Activations run in BF16 (x and the
+ * SwiGLU output are rounded to BF16), weights exactly, sums in FP32; no atomics anywhere, so
+ * the output is bit-reproducible. Token grouping happens on the device (no host sync).
+ */
+int kern_moe_experts(const struct kern_moe_layer *L, const float *x, const int32_t *idx,
+                     const float *w, int T, float *out, void *ws, size_t ws_bytes,
+                     struct CUstream_st *stream);
+/* Route + experts. tokens as for kern_moe_route. */
+int kern_moe_forward(const struct kern_moe_layer *L, const float *x, const int32_t *tokens, int T,
+                     float *out, void *ws, size_t ws_bytes, struct CUstream_st *stream);
+
+/* ---- thin runtime helpers, so C code needs no CUDA headers (kernels/cuda/runtime.cu) ---- */
+
+int kern_device_count(void);                        /* 0 when no device or no driver */
+int kern_device_name(char *buf, size_t n);          /* of the current device */
+int kern_malloc(void **p, size_t n);                /* ERR_CUDA on failure */
+void kern_free(void *p);                            /* NULL-safe */
+int kern_h2d(void *dst, const void *src, size_t n); /* synchronous */
+int kern_d2h(void *dst, const void *src, size_t n); /* synchronous */
+int kern_memset(void *dst, int byte, size_t n);     /* synchronous */
+int kern_sync(void);                                /* device sync + last error */
+const char *kern_last_error(void);                  /* the last CUDA error string */
+
+/* ==== the DSV4 forward pass on the GPU (issue 8; engine/backend_cuda.c) ====
+ *
+ * Kernels of every op of the walk in engine/model.c, each the twin of a kernels/cpu op
+ * (dense.cu, linear.cu, attention.cu, compressor.cu, indexer.cu, moe_ref.cu; runtime helpers in
+ * engine_rt.cu). This first version reproduces the CPU oracle's arithmetic operation for
+ * operation (summation orders, no FMA contraction, transcendental functions rounded like glibc;
+ * kernels/cuda/exact.cuh): correct and deterministic, not yet fast. Every row's result is
+ * independent of the other rows of the call (batch invariance).
+ * Conventions of this section: all pointers are device memory unless marked (host); launches
+ * are asynchronous on `stream`; entry points return 0 or ERR_CUDA / ERR_INVAL / ERR_UNSUPPORTED.
+ */
+
+/* A weight matrix (rows = out, cols = in) as stored in the checkpoint (see struct cpu_qmat);
+ * fmt takes the enum cpu_wfmt values. */
+enum { KERN_W_F32 = 0, KERN_W_BF16 = 1, KERN_W_FP8 = 2, KERN_W_MXFP4 = 3 };
+struct kern_qmat {
+    int fmt, rows, cols;
+    int scale_f32;     /* FP8: scales are FP32 (else UE8M0 bytes) */
+    const void *w;     /* (device) */
+    const void *scale; /* (device) FP8: (ceil(rows/128), ceil(cols/128)); MXFP4: (rows, cols/32) */
+};
+
+/*
+ * One step's batch: T rows = the chunks of nseq sequences, concatenated. Device arrays, plus
+ * host-side maxima that size the launches.
+ */
+struct kern_batch {
+    int T, nseq;
+    const int32_t *tokens;   /* (T) */
+    const int32_t *row_seq;  /* (T) the sequence of each row */
+    const int32_t *row_pos;  /* (T) the position of each row */
+    const int32_t *seq_row0; /* (nseq) first row of each sequence */
+    const int32_t *seq_n;    /* (nseq) rows of each sequence */
+    const int32_t *seq_slot; /* (nseq) state slot of each sequence */
+    const int32_t *seq_bt;   /* (nseq) offset of each sequence's block table in bt */
+    const int32_t *bt;       /* block ids, DSV4_BLOCK_TOKENS tokens each */
+    int max_pos;             /* (host) 1 + the largest position in the batch */
+};
+
+/* The cache pool: per-slot fixed state and compressed-entry blocks (FP32 in this version). */
+struct kern_cache {
+    float *state; /* (n_slots, slot_floats) */
+    size_t slot_floats;
+    float *blocks; /* (n_blocks, block_floats) */
+    size_t block_floats;
+};
+
+/* Where one layer's parts live, in floats from the start of a slot / a block. */
+struct kern_layer_cache {
+    size_t win;                /* window ring (W, hd), slot = pos % W */
+    size_t comp_kv, comp_sc;   /* compressor state (coff*ratio, coff*hd) x 2 */
+    size_t icomp_kv, icomp_sc; /* indexer compressor state (CSA) (coff*ratio, coff*Di) x 2 */
+    size_t blk, blk_i;         /* entries (128/ratio, hd) and indexer keys (128/ratio, Di) */
+    int ratio;                 /* 0 (SWA), 4 (CSA), 128 (HCA) */
+};
+
+/* -- dense.cu -- */
+/* X (T, n_hc, d) = embedding rows of tokens, repeated into the n_hc streams. E: (host) struct. */
+int kern_embed(const struct kern_qmat *E, const int32_t *tokens, int T, int n_hc, float *X,
+               struct CUstream_st *stream);
+/* hc_pre + RMSNorm(norm_w) per row: X (T, n_hc, d) -> x (T, d), post (T, n_hc),
+ * comb (T, n_hc, n_hc); fn ((2+n)n, n*d), base ((2+n)n), scale (3). */
+int kern_hc_pre(const float *X, int T, int n_hc, int d, const float *fn, const float *base,
+                const float *scale, int iters, float hc_eps, float norm_eps, const float *norm_w,
+                float *x, float *post, float *comb, struct CUstream_st *stream);
+/* Xout (T, n_hc, d) = hc_post(f (T, d), R (T, n_hc, d), post, comb); Xout must not alias R. */
+int kern_hc_post(const float *f, const float *R, const float *post, const float *comb, int T,
+                 int n_hc, int d, float *Xout, struct CUstream_st *stream);
+/* y (nsel, d) = RMSNorm(norm_w)(hc_head(X row rows[i])); fn (n, n*d), base (n), scale (1). */
+int kern_hc_head(const float *X, const int32_t *rows, int nsel, int n_hc, int d, const float *fn,
+                 const float *base, const float *scale, float hc_eps, float norm_eps,
+                 const float *norm_w, float *y, struct CUstream_st *stream);
+/* out (T, n) = RMSNorm(w)(x (T, n)); w may be NULL; out may alias x. */
+int kern_rmsnorm(const float *x, const float *w, int T, int n, float eps, float *out,
+                 struct CUstream_st *stream);
+/* out (T, cols) = FP8 round trip of x per 128 columns (cpu_act_quant_fp8); out may alias x. */
+int kern_act_quant_fp8(const float *x, int T, int cols, float *out, struct CUstream_st *stream);
+/* q (T, H, hd) in place: weightless RMSNorm per head, RoPE of the trailing rope_dim dims. */
+int kern_q_heads(float *q, const struct kern_batch *b, int H, int hd, int rope_dim,
+                 const float *inv_freq, float eps, struct CUstream_st *stream);
+/* kv (T, hd) in place: RMSNorm(w), RoPE, and (quant) the FP8 round trip of the nope dims. */
+int kern_kv_prep(float *kv, const struct kern_batch *b, int hd, const float *w, int rope_dim,
+                 const float *inv_freq, float eps, int quant, struct CUstream_st *stream);
+/* Indexer queries qi (T, Hi, Di) in place: RoPE, and (quant) Hadamard + FP4 round trip;
+ * wi (T, Hi) *= 1/sqrt(Hi). */
+int kern_iq_prep(float *qi, float *wi, const struct kern_batch *b, int Hi, int Di, int rope_dim,
+                 const float *inv_freq, int quant, struct CUstream_st *stream);
+/* h (P, I) = w[p] * silu(min(g, limit)) * clamp(u, +-limit) (w NULL: 1), then (quant) the FP8
+ * round trip per 128 columns. h may alias g. */
+int kern_swiglu(const float *g, const float *u, int P, int I, float limit, const float *w,
+                int quant, float *h, struct CUstream_st *stream);
+/* f (T, d) = sum_j ys (T, K, d) in slot order + sh (T, d) (sh NULL: + 0). */
+int kern_moe_combine(const float *ys, const float *sh, int T, int K, int d, float *f,
+                     struct CUstream_st *stream);
+/* p[0..n) = v. */
+int kern_fill_f32(float *p, size_t n, float v, struct CUstream_st *stream);
+
+/* -- linear.cu -- */
+/*
+ * y[t*ldy + r] = W[r] . x[t*ldx + (grp_rows ? r / grp_rows * grp_xoff : 0) + 0 .. cols), in
+ * cpu_dot's order, for t < T, r < W->rows. grp_rows/grp_xoff express the grouped output
+ * projection (each group of rows reads its own slice of x). W: (host) struct.
+ */
+int kern_linear(const struct kern_qmat *W, const float *x, int ldx, int T, float *y, int ldy,
+                int grp_rows, int grp_xoff, struct CUstream_st *stream);
+/*
+ * Experts: for pair p < P (row p / x_div of x), y[p*ldy + r] = Ws[idx[p]][r] . x row; pairs
+ * with idx outside [0, E) write zeros. Ws: (device) array of E matrices of one format and shape.
+ */
+int kern_linear_experts(const struct kern_qmat *Ws, int E, int fmt, int rows, int cols,
+                        const int32_t *idx, int P, int x_div, const float *x, int ldx, float *y,
+                        int ldy, struct CUstream_st *stream);
+
+/* -- attention.cu -- */
+/*
+ * Sink attention of every row over its window (positions pos-W+1..pos: this step's kv rows and
+ * the slot's ring) and its compressed entries (CSA: the topk selected in sel (T, topk), HCA: all
+ * (pos+1)/ratio), then inverse RoPE of each head's output. q (T, H, hd), kv (T, hd) this step's
+ * latents, sinks (H), o (T, H, hd).
+ */
+int kern_sink_attention(const struct kern_batch *b, const struct kern_cache *c,
+                        const struct kern_layer_cache *l, const float *q, const float *kv,
+                        const int32_t *sel, int topk, const float *sinks, int H, int hd, int W,
+                        int rope_dim, const float *inv_freq, float *o, struct CUstream_st *stream);
+/* Write the last min(n, W) latents of each chunk into its slot's window ring. */
+int kern_window_write(const struct kern_batch *b, const struct kern_cache *c,
+                      const struct kern_layer_cache *l, const float *kv, int hd, int W,
+                      struct CUstream_st *stream);
+
+/* -- compressor.cu -- */
+/*
+ * Feed each sequence's rows, in position order, through a compressor (main: indexer == 0, D = hd;
+ * indexer: D = Di) and write every completed entry (RMSNorm(norm), RoPE at entry*ratio, and with
+ * quant the FP8 round trip of the nope dims, or Hadamard + FP4 for indexer keys) into the
+ * sequence's blocks. a, z (T, coff*D) projections (z without ape); ape (ratio, coff*D).
+ */
+int kern_compress(const struct kern_batch *b, const struct kern_cache *c,
+                  const struct kern_layer_cache *l, const float *a, const float *z,
+                  const float *ape, const float *norm, int D, int overlap, int indexer,
+                  int rope_dim, const float *inv_freq, float eps, int quant,
+                  struct CUstream_st *stream);
+/* Reset one slot's compressor states of one layer (kv 0, scores -inf). */
+int kern_compressor_reset(const struct kern_cache *c, const struct kern_layer_cache *l, int slot,
+                          int hd, int Di, struct CUstream_st *stream);
+
+/* -- indexer.cu -- */
+/*
+ * Lightning indexer: per row, scores of the (pos+1)/ratio indexer keys, then the indices of the
+ * top min(nvalid, topk) in ascending order (ties to the lower index) into sel (T, topk).
+ * qi (T, Hi, Di), wi (T, Hi); scores: workspace (T, 2 * ld_scores) floats, ld_scores >=
+ * max_pos / ratio.
+ */
+int kern_indexer_topk(const struct kern_batch *b, const struct kern_cache *c,
+                      const struct kern_layer_cache *l, const float *qi, const float *wi, int Hi,
+                      int Di, int topk, float *scores, int ld_scores, int32_t *sel,
+                      struct CUstream_st *stream);
+
+/* -- moe_ref.cu -- */
+/*
+ * The router of cpu_route over FP32 gate logits (T, E): hash layers (tid2eid (vocab, K) int32,
+ * tokens (T)) or dense top-K of sqrt(softplus) + bias (E). idx, w (T, K).
+ */
+int kern_route_exact(const float *logits, int T, int E, int K, const float *bias,
+                     const int32_t *tid2eid, const int32_t *tokens, float route_scale, int32_t *idx,
+                     float *w, struct CUstream_st *stream);
+
+/* -- engine_rt.cu: streams, pinned host memory, asynchronous copies -- */
+int kern_stream_new(struct CUstream_st **out);
+void kern_stream_free(struct CUstream_st *s);
+int kern_stream_sync(struct CUstream_st *s);
+int kern_host_alloc(void **p, size_t n); /* pinned */
+void kern_host_free(void *p);
+int kern_h2d_async(void *dst, const void *src, size_t n, struct CUstream_st *s);
+int kern_d2h_async(void *dst, const void *src, size_t n, struct CUstream_st *s);
+int kern_d2d_async(void *dst, const void *src, size_t n, struct CUstream_st *s);
+int kern_mem_info(size_t *free_bytes, size_t *total_bytes);
+/* The runtime's last error string (cudaGetLastError; clears a non-sticky error). */
+const char *kern_rt_error(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
