@@ -329,8 +329,10 @@ enum MHD_Result routes_early(struct http_req *hr, const char *method)
                               "Content-Type must be application/json, got \"%.100s\"", ct);
         return MHD_YES;
     }
-    /* GET routes carry no body: answer on this first call */
-    return routes_dispatch(hr);
+    /* GET routes carry no body, but answer on the next call, once MHD has seen the (empty)
+     * request to its end: a response queued on the first call counts as an early response to a
+     * request not fully read, and MHD then closes the connection instead of keeping it alive. */
+    return MHD_YES;
 }
 
 enum MHD_Result routes_dispatch(struct http_req *hr)
