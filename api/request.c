@@ -311,17 +311,19 @@ static int parse_tools(struct api_gen_request *r, struct api_error *e)
                                      "'tool_choice' must be none, auto, required or "
                                      "{\"type\": \"function\", \"function\": {\"name\": ...}}");
             r->tool_choice_none = !strcmp(s, "none");
-            if (!strcmp(s, "required") && !r->tools)
+            /* forcing a call needs constrained decoding, which the engine does not have yet:
+             * refuse rather than accept and not enforce */
+            if (!strcmp(s, "required"))
                 return api_error_set(e, 400, NULL, "tool_choice", NULL,
-                                     "tool_choice 'required' needs 'tools'");
+                                     "tool_choice 'required' is not supported yet; use 'auto'");
         } else if (!json_is_object(tc) ||
                    !json_is_string(json_object_get(json_object_get(tc, "function"), "name"))) {
             return api_error_set(e, 400, NULL, "tool_choice", NULL,
                                  "'tool_choice' must be none, auto, required or "
                                  "{\"type\": \"function\", \"function\": {\"name\": ...}}");
-        } else if (!r->tools) {
+        } else {
             return api_error_set(e, 400, NULL, "tool_choice", NULL,
-                                 "a named 'tool_choice' needs 'tools'");
+                                 "a named 'tool_choice' is not supported yet; use 'auto'");
         }
     }
     return 0;

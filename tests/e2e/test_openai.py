@@ -200,6 +200,12 @@ def test_bad_requests(client, model):
     assert e.value.body["param"] == "temperature"
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=model, prompt=[10**9], max_tokens=2)
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        with pytest.raises(openai.BadRequestError) as e:  # not enforceable yet: refused, not ignored
+            client.chat.completions.create(model=model, max_tokens=4, tools=TOOLS,
+                                           tool_choice=choice,
+                                           messages=[{"role": "user", "content": "x"}])
+        assert e.value.body["param"] == "tool_choice"
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="gpt-4", prompt=PROMPT)
     assert e.value.body["code"] == "model_not_found"
