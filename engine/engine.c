@@ -956,6 +956,23 @@ int engine_new_with_backend(struct engine **out, struct backend *be, const struc
     return 0;
 }
 
+int engine_config_resolve(struct engine_config *c, const struct dsv4_model *m)
+{
+    if (c->max_num_seqs < 1 || c->max_model_len < 2)
+        return err_setf(ERR_INVAL, "engine: max_num_seqs and max_model_len must be positive");
+    if (c->max_model_len > m->cfg.max_position_embeddings)
+        c->max_model_len = (int)m->cfg.max_position_embeddings;
+    if (!c->n_blocks) {
+        size_t bb = dsv4_kv_block_bytes(&m->cfg, &m->sched);
+        long want = (long)c->max_num_seqs * dsv4_kv_blocks_for(c->max_model_len);
+        long cap = bb ? (long)(c->cache_bytes / bb) : want;
+        c->n_blocks = (int)(want < cap ? want : cap);
+        if (c->n_blocks < c->max_num_seqs)
+            c->n_blocks = c->max_num_seqs;
+    }
+    return 0;
+}
+
 int engine_new(struct engine **out, struct dsv4_model *m, const struct tokenizer *tok,
                const struct engine_config *cfg)
 {
@@ -965,19 +982,7 @@ int engine_new(struct engine **out, struct dsv4_model *m, const struct tokenizer
     engine_config_defaults(&c);
     if (cfg)
         c = *cfg;
-    if (c.max_num_seqs < 1 || c.max_model_len < 2)
-        return err_setf(ERR_INVAL, "engine: max_num_seqs and max_model_len must be positive");
-    if (c.max_model_len > m->cfg.max_position_embeddings)
-        c.max_model_len = (int)m->cfg.max_position_embeddings;
-    if (!c.n_blocks) {
-        size_t bb = dsv4_kv_block_bytes(&m->cfg, &m->sched);
-        long want = (long)c.max_num_seqs * dsv4_kv_blocks_for(c.max_model_len);
-        long cap = bb ? (long)(c.cache_bytes / bb) : want;
-        c.n_blocks = (int)(want < cap ? want : cap);
-        if (c.n_blocks < c.max_num_seqs)
-            c.n_blocks = c.max_num_seqs;
-    }
-    if ((rc = backend_cpu_new(&be, m, c.max_num_seqs, c.n_blocks)))
+    if ((rc = engine_config_resolve(&c, m)) || (rc = backend_cpu_new(&be, m, c.max_num_seqs, c.n_blocks)))
         return rc;
     return engine_new_with_backend(out, be, tok, &c);
 }

@@ -134,6 +134,12 @@ void engine_config_defaults(struct engine_config *c);
  */
 int engine_new(struct engine **out, struct dsv4_model *m, const struct tokenizer *tok,
                const struct engine_config *cfg);
+/*
+ * Fill in what a config leaves to the model: cap max_model_len at the model's positions and,
+ * when n_blocks is 0, size the block pool (max_num_seqs x max_model_len, capped by cache_bytes).
+ * For callers that build their own backend (the CUDA one) with engine_new_with_backend.
+ */
+int engine_config_resolve(struct engine_config *c, const struct dsv4_model *m);
 /* The same over any backend (takes ownership of be, even on failure); max_num_seqs and
  * n_blocks come from the backend. Used by tests with a fake backend and by the GPU backend. */
 struct backend;

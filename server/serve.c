@@ -20,6 +20,9 @@
 #include <time.h>
 
 #include "engine/err.h"
+#ifdef DSV4_HAVE_CUDA
+#include "engine/backend_cuda.h"
+#endif
 #include "server/cli.h"
 #include "server/log.h"
 #include "server/srv.h"
@@ -90,10 +93,13 @@ static void load_run(uv_work_t *w)
     double t0 = srv_now();
     int rc;
     LOG_I("loading model %s (device %s)", s->cfg.model, s->cfg.device);
+#ifndef DSV4_HAVE_CUDA
     if (!strcmp(s->cfg.device, "cuda")) {
-        rc = err_setf(ERR_UNSUPPORTED, "--device cuda: the CUDA backend is not in this build yet");
+        rc = err_setf(ERR_UNSUPPORTED, "--device cuda: this dsv4d was built without CUDA "
+                                       "(meson -Dcuda=enabled with nvcc)");
         goto fail;
     }
+#endif
     if ((rc = dsv4_model_open(&s->model, s->cfg.model)) < 0)
         goto fail;
     LOG_I("model loaded in %.2f s: %d layers, vocab %d, max positions %ld", srv_now() - t0,
@@ -124,8 +130,18 @@ static void load_run(uv_work_t *w)
     s->max_model_len = ec.max_model_len;
     LOG_I("starting the engine: max_num_seqs %d, max_model_len %d, max_queue %d",
           ec.max_num_seqs, ec.max_model_len, ec.max_queue);
-    if ((rc = engine_new(&s->engine, s->model, s->tok, &ec)) < 0 ||
-        (rc = engine_start(s->engine)) < 0)
+    if (!strcmp(s->cfg.device, "cuda")) {
+#ifdef DSV4_HAVE_CUDA
+        struct backend *be;
+        if ((rc = engine_config_resolve(&ec, s->model)) < 0 ||
+            (rc = backend_cuda_new(&be, s->model, ec.max_num_seqs, ec.n_blocks)) < 0 ||
+            (rc = engine_new_with_backend(&s->engine, be, s->tok, &ec)) < 0)
+            goto fail;
+#endif
+    } else if ((rc = engine_new(&s->engine, s->model, s->tok, &ec)) < 0) {
+        goto fail;
+    }
+    if ((rc = engine_start(s->engine)) < 0)
         goto fail;
     {
         /* cache sizing: compressed entries per 128-token block + fixed state per sequence */
