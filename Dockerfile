@@ -60,7 +60,8 @@ ENV DEBIAN_FRONTEND=noninteractive
 # curl for HEALTHCHECK; tini as PID 1 (forwards SIGTERM/SIGINT to dsv4d, reaps zombies)
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
-      libjansson4 libmicrohttpd12t64 libuv1t64 libonig5 libgomp1 curl ca-certificates tini \
+      libjansson4 libmicrohttpd12t64 libuv1t64 libonig5 libgomp1 libstdc++6 libgcc-s1 curl \
+      ca-certificates tini \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 10001 dsv4d \
  && useradd --system --uid 10001 --gid dsv4d --no-create-home --home-dir /nonexistent \

@@ -45,6 +45,9 @@ RUNTIME_PACKAGES = {
     "libuv.so.1": "libuv1t64",
     "libonig.so.5": "libonig5",
     "libgomp.so.1": "libgomp1",
+    # the C++ runtime of the CUDA code (nvcc objects linked into dsv4d)
+    "libstdc++.so.6": "libstdc++6",
+    "libgcc_s.so.1": "libgcc-s1",
     # glibc, in every base image
     "libc.so.6": None, "libm.so.6": None, "libpthread.so.0": None, "libdl.so.2": None,
     "librt.so.1": None, "ld-linux-x86-64.so.2": None,
