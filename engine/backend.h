@@ -20,6 +20,10 @@ struct backend_seq {
     const int32_t *tokens; /* (n) at the slot's next positions */
     int n;
     int want_logits;       /* a logits row for the last token */
+    /* Backends with device_greedy: when non-NULL (with want_logits), the caller only needs the
+     * argmax of that row (the lowest id among equal maxima): the backend writes it here and may
+     * leave the row's place in logits unwritten. Other backends ignore it. */
+    int32_t *greedy_out;
 };
 
 struct backend;
@@ -47,6 +51,7 @@ struct backend {
     int eos_token_id;
     size_t block_bytes; /* bytes of one block */
     size_t state_bytes; /* bytes of one slot's fixed state */
+    int device_greedy;  /* honours backend_seq.greedy_out */
     void *impl;
 };
 

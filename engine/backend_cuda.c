@@ -23,6 +23,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "engine/err.h"
 #include "engine/kvcache.h"
@@ -36,10 +38,18 @@ struct dev_hc {
     const float *fn, *base, *scale; /* ((2+n)n, n*d), ((2+n)n), (3); head: (n, n*d), (n), (1) */
 };
 
+/* A linear's weights on the device: as stored (the exact kernels, and BF16 weights for cuBLAS)
+ * and/or packed for the FP8 tensor-core GEMM (kern_gemm_fp8); q.w is NULL when only the packed
+ * form was uploaded, p.data NULL when the matrix is not packed. */
+struct dev_lin {
+    struct kern_qmat q;
+    struct kern_fp8_mat p;
+};
+
 struct dev_comp {
-    struct kern_qmat wkv, wgate; /* (coff*D, d) */
-    const float *ape;            /* (ratio, coff*D) */
-    const float *norm;           /* (D) */
+    struct dev_lin wkv, wgate; /* (coff*D, d) */
+    const float *ape;          /* (ratio, coff*D) */
+    const float *norm;         /* (D) */
     int D, overlap;
 };
 
@@ -47,17 +57,18 @@ struct dev_layer {
     const struct dsv4_layer_spec *spec;
     const float *attn_norm, *ffn_norm; /* (d) */
     struct dev_hc hc_attn, hc_ffn;
-    struct kern_qmat wq_a, wq_b, wkv, wo_a, wo_b;
+    struct dev_lin wq_a, wq_b, wkv, wo_a, wo_b;
     const float *q_norm;    /* (q_lora) */
     const float *kv_norm;   /* (hd) */
     const float *attn_sink; /* (H) */
     struct dev_comp comp, icomp;
-    struct kern_qmat idx_wq_b, idx_wproj, gate;
-    const float *gate_bias;  /* (E) dense router, else NULL */
-    const int32_t *tid2eid;  /* (V, K) hash router, else NULL */
+    struct dev_lin idx_wq_b, idx_wproj;
+    struct kern_qmat gate;
+    const float *gate_bias;               /* (E) dense router, else NULL */
+    const int32_t *tid2eid;               /* (V, K) hash router, else NULL */
     const struct kern_qmat *w1, *w2, *w3; /* (E) descriptors (device) */
     int exp_fmt;
-    struct kern_qmat sh_w1, sh_w2, sh_w3;
+    struct dev_lin sh_w1, sh_w2, sh_w3;
     int has_shared;
     struct kern_moe_layer moe; /* the fused NVFP4 MoE (cuda_impl.nvfp4), device pointers */
     struct kern_layer_cache cache;
@@ -74,60 +85,102 @@ struct cuda_slot {
 /* ---- step scratch (device), carved for T rows ---- */
 
 struct scratch {
-    float *X, *X2;             /* (T, n, d) residual streams (current, next) */
-    float *x, *xq;             /* (T, d) normed input, its FP8 round trip */
-    float *post, *comb;        /* (T, n), (T, n, n) */
-    float *qlat, *qlat_q;      /* (T, ql) */
-    float *q, *o;              /* (T, H, hd) */
-    float *kv;                 /* (T, hd) */
-    float *zo, *zo_q;          /* (T, g*dg) */
-    float *out;                /* (T, d) sub-layer output */
-    float *ca, *cz;            /* (T, 2hd) compressor projections */
-    float *ia, *iz;            /* (T, 2Di) indexer compressor projections */
-    float *qi;                 /* (T, Hi, Di) */
-    float *wi;                 /* (T, Hi) */
-    int32_t *sel;              /* (T, topk) */
-    float *scores;             /* (T, 2 * ld) indexer workspace */
-    float *mlog;               /* (T, E) router logits */
-    int32_t *idx;              /* (T, K) */
-    float *wts;                /* (T, K) */
-    float *g, *u;              /* (T*K, I) */
-    float *ys;                 /* (T*K, d) */
-    float *sg, *su;            /* (T, I) shared expert */
-    float *so;                 /* (T, d) shared expert output */
-    float *y;                  /* (T, d) head input */
-    void *moe_ws;              /* kern_moe_forward workspace (nvfp4 path) */
+    float *X, *X2;        /* (T, n, d) residual streams (current, next) */
+    float *x, *xq;        /* (T, d) normed input, its FP8 round trip */
+    float *post, *comb;   /* (T, n), (T, n, n) */
+    float *qlat, *qlat_q; /* (T, ql) */
+    float *q, *o;         /* (T, H, hd) */
+    float *kv;            /* (T, hd) */
+    float *zo, *zo_q;     /* (T, g*dg) */
+    float *out;           /* (T, d) sub-layer output */
+    float *ca, *cz;       /* (T, 2hd) compressor projections */
+    float *ia, *iz;       /* (T, 2Di) indexer compressor projections */
+    float *qi;            /* (T, Hi, Di) */
+    float *wi;            /* (T, Hi) */
+    int32_t *sel;         /* (T, topk) */
+    float *scores;        /* (T, 2 * ld) indexer workspace */
+    float *mlog;          /* (T, E) router logits */
+    int32_t *idx;         /* (T, K) */
+    float *wts;           /* (T, K) */
+    float *g, *u;         /* (T*K, I) */
+    float *ys;            /* (T*K, d) */
+    float *sg, *su;       /* (T, I) shared expert */
+    float *so;            /* (T, d) shared expert output */
+    float *y;             /* (T, d) head input */
+    void *moe_ws;         /* kern_moe_forward workspace (nvfp4 path) */
+    uint16_t *xb;         /* (2T, max cols) BF16 activations of the tensor-core linears */
+    float *ysplit;        /* (2T, max split rows) hi and lo results of split linears */
+    float *mix;           /* fast mHC projections (kern_hc_fast_ws_floats) */
+    float *att_ws;        /* fast attention's key-split partials */
 };
 
+/* DSV4_CUDA_PROFILE buckets (prof_mark) */
+enum {
+    PR_HC,
+    PR_PROJ16,
+    PR_PROJ,
+    PR_PREP,
+    PR_COMP,
+    PR_INDEX,
+    PR_ATTN,
+    PR_OUT,
+    PR_MOE,
+    PR_HEAD,
+    PR_N
+};
+
+/* A captured decode step: B rows, launch sizes for positions up to PB. */
+struct cuda_graph {
+    int B, PB, logits; /* logits: the graph copies the logits rows (else only greedy tokens) */
+    void *exec;        /* owned (kern_graph_free) */
+};
+#define CUDA_MAX_GRAPHS 64
+
 struct cuda_impl {
-    struct dsv4_model *m;     /* borrowed */
+    struct dsv4_model *m; /* borrowed */
     struct CUstream_st *stream;
-    int quant;                /* model numerics: the FP8/FP4 round trips */
-    int nvfp4;                /* MoE through kern_moe_forward (experts converted to NVFP4) */
-    struct nvfp4_report rep;  /* the MXFP4 -> NVFP4 conversion report */
+    int quant;    /* model numerics: the FP8/FP4 round trips */
+    int exact;    /* the CPU's arithmetic op for op; else tensor-core linears */
+    int fp8_kv;   /* KV entries and indexer keys in FP8 (fast path, model numerics) */
+    int progress; /* load progress on stderr */
+    int prof;     /* DSV4_CUDA_PROFILE: per op group times on stderr */
+    double prof_t, prof_acc[PR_N];
+    struct kern_blas *blas;  /* cuBLAS (BF16-weight linears of the fast path), owned */
+    void *blas_ws;           /* its workspace (device), owned */
+    int nvfp4;               /* MoE through kern_moe_forward (experts converted to NVFP4) */
+    struct nvfp4_report rep; /* the MXFP4 -> NVFP4 conversion report */
     /* weights */
-    void *wmem;               /* owned device allocation */
+    void *wmem; /* owned device allocation */
     size_t wbytes;
-    struct kern_qmat embed, head;
-    const float *norm;        /* (d) */
+    struct kern_qmat embed;
+    struct dev_lin head;
+    const float *norm; /* (d) */
     struct dev_hc hc_head;
     const float *inv_main, *inv_comp; /* (rope_dim/2) */
-    struct dev_layer *layers; /* (n_layers), owned */
+    struct dev_layer *layers;         /* (n_layers), owned */
     /* cache pool */
-    void *cmem;               /* owned device allocation */
+    void *cmem; /* owned device allocation */
     size_t cbytes;
     struct kern_cache cache;
     int32_t *refs, *free_list; /* (n_blocks) owned */
     int n_free;
-    struct cuda_slot *slots;  /* (n_slots) owned */
+    struct cuda_slot *slots; /* (n_slots) owned */
     /* step */
-    void *meta_h, *meta_d;    /* pinned host / device batch description, owned */
+    void *meta_h, *meta_d; /* pinned host / device batch description, owned */
     size_t meta_cap;
-    void *smem;               /* owned scratch */
+    void *smem; /* owned scratch */
     size_t smem_bytes, moe_ws_bytes;
     int T_cap, ld_cap;
     struct scratch s;
-    float *logits_d;          /* (n_slots, V) owned */
+    float *logits_d;        /* (n_slots, V) owned */
+    float *logits_split;    /* (2 n_slots, V) hi/lo head results (fast path), owned */
+    float *out_h;           /* (n_slots, V) pinned host: the logits of graph steps, owned */
+    int32_t *tok_d, *tok_h; /* (n_slots) greedy tokens: device, pinned host; owned */
+    int graphs;             /* decode steps replay CUDA graphs (DSV4_CUDA_GRAPHS=0: off) */
+    struct cuda_graph graph[CUDA_MAX_GRAPHS];
+    int n_graphs;
+    int split_rows; /* widest output of a split linear (scratch ysplit) */
+    int max_cols;   /* widest input of a linear (scratch xb) */
 };
 
 /* ---- the weight uploader: pass 0 sizes, pass 1 copies ---- */
@@ -175,10 +228,14 @@ static size_t qmat_wbytes(const struct cpu_qmat *q)
 {
     size_t n = (size_t)q->rows * (size_t)q->cols;
     switch (q->fmt) {
-    case CPU_W_F32: return n * 4;
-    case CPU_W_BF16: return n * 2;
-    case CPU_W_FP8: return n;
-    case CPU_W_MXFP4: return n / 2;
+    case CPU_W_F32:
+        return n * 4;
+    case CPU_W_BF16:
+        return n * 2;
+    case CPU_W_FP8:
+        return n;
+    case CPU_W_MXFP4:
+        return n / 2;
     }
     return 0;
 }
@@ -204,6 +261,45 @@ static struct kern_qmat up_qmat(struct uploader *u, const struct cpu_qmat *q)
     return k;
 }
 
+/*
+ * A linear: FP8 matrices the tensor-core GEMM can take (rows % 128, cols % 256; group views of
+ * grp_rows rows each also % 128) are uploaded packed only (kern_fp8_pack), everything else as
+ * stored. In exact mode everything is uploaded as stored.
+ */
+static struct dev_lin up_lin(const struct cuda_impl *ci, struct uploader *u,
+                             const struct cpu_qmat *q, int grp_rows)
+{
+    struct dev_lin l;
+    memset(&l, 0, sizeof l);
+    if (ci->exact || !q->w || q->fmt != CPU_W_FP8 || q->rows % 128 || q->cols % 256 ||
+        (grp_rows && grp_rows % 128)) {
+        l.q = up_qmat(u, q);
+        return l;
+    }
+    const size_t nd = kern_fp8_data_bytes(q->rows, q->cols);
+    const size_t nf = kern_fp8_factor_count(q->rows, q->cols);
+    l.q = (struct kern_qmat){(int)q->fmt, q->rows, q->cols, q->scale_f32, NULL, NULL};
+    l.p.rows = q->rows;
+    l.p.cols = q->cols;
+    l.p.data = up_reserve(u, nd);
+    l.p.fac = up_reserve(u, nf * 2);
+    if (u->pass == 0 || u->rc)
+        return l;
+    uint8_t *hd = malloc(nd);
+    uint16_t *hf = malloc(nf * 2);
+    int rc = hd && hf
+                 ? kern_fp8_pack(q->w, q->scale, q->scale_f32, q->rows, q->cols, hd, hf, &l.p.alpha)
+                 : ERR_NOMEM;
+    if (rc)
+        u->rc = err_setf(rc, "cuda backend: packing a (%d, %d) FP8 matrix failed (%s)", q->rows,
+                         q->cols, err_str(rc));
+    up_at(u, (void *)l.p.data, hd, nd);
+    up_at(u, (void *)l.p.fac, hf, nf * 2);
+    free(hd);
+    free(hf);
+    return l;
+}
+
 static struct dev_hc up_hc(struct uploader *u, const struct dsv4_hc_w *h, int nmix, int n, int d,
                            int nscale)
 {
@@ -214,12 +310,13 @@ static struct dev_hc up_hc(struct uploader *u, const struct dsv4_hc_w *h, int nm
     return r;
 }
 
-static struct dev_comp up_comp(struct uploader *u, const struct dsv4_compressor_w *cw)
+static struct dev_comp up_comp(const struct cuda_impl *ci, struct uploader *u,
+                               const struct dsv4_compressor_w *cw)
 {
     struct dev_comp r;
     int width = (cw->overlap ? 2 : 1) * cw->D;
-    r.wkv = up_qmat(u, &cw->wkv);
-    r.wgate = up_qmat(u, &cw->wgate);
+    r.wkv = up_lin(ci, u, &cw->wkv, 0);
+    r.wgate = up_lin(ci, u, &cw->wgate, 0);
     r.ape = up_f32(u, cw->ape, (size_t)cw->ratio * width);
     r.norm = up_f32(u, cw->norm, (size_t)cw->D);
     r.D = cw->D;
@@ -290,44 +387,85 @@ static int up_moe_nvfp4(struct cuda_impl *ci, struct uploader *u, const struct d
     if (u->pass == 0)
         return 0;
     int rc = 0;
-    struct nvfp4_mat g = {0}, up_ = {0}, dn = {0};
-    uint8_t *h13 = malloc(b13), *hs13 = malloc(s13), *h2 = malloc(b2), *hs2 = malloc(s2b);
+    char msg[256] = "";
     float *a13 = malloc(sizeof(float) * 2 * E), *a2 = malloc(sizeof(float) * E);
-    if (!h13 || !hs13 || !h2 || !hs2 || !a13 || !a2 || nvfp4_mat_init(&g, I, d) ||
-        nvfp4_mat_init(&up_, I, d) || nvfp4_mat_init(&dn, d, I)) {
-        rc = err_setf(ERR_NOMEM, "cuda backend: out of memory converting experts");
-        goto out;
+    if (!a13 || !a2) {
+        free(a13), free(a2);
+        return err_setf(ERR_NOMEM, "cuda backend: out of memory converting experts");
     }
-    for (int e = 0; e < E && !rc && !u->rc; e++) {
-        if ((rc = nvfp4_from_mxfp4(lw->w1[e].w, lw->w1[e].scale, &g, &ci->rep)) ||
-            (rc = nvfp4_from_mxfp4(lw->w3[e].w, lw->w3[e].scale, &up_, &ci->rep)) ||
-            (rc = nvfp4_from_mxfp4(lw->w2[e].w, lw->w2[e].scale, &dn, &ci->rep)) ||
-            (rc = kern_nvfp4_pack_gateup(g.q, g.s, up_.q, up_.s, I, d, h13, hs13)) ||
-            (rc = kern_nvfp4_pack(dn.q, dn.s, d, I, h2, hs2))) {
-            rc = err_setf(rc, "cuda backend: expert %d: NVFP4 conversion failed (%s)", e,
-                          err_str(rc));
-            break;
+    /* experts in parallel, each thread with its own buffers and report (merged below); the
+     * error message is thread-local (err.h), so a worker's failure is carried in msg */
+#pragma omp parallel
+    {
+        struct nvfp4_mat g = {0}, up_ = {0}, dn = {0};
+        struct nvfp4_report rep = {0};
+        uint8_t *h13 = malloc(b13), *hs13 = malloc(s13), *h2 = malloc(b2), *hs2 = malloc(s2b);
+        int trc = 0;
+        if (!h13 || !hs13 || !h2 || !hs2 || nvfp4_mat_init(&g, I, d) ||
+            nvfp4_mat_init(&up_, I, d) || nvfp4_mat_init(&dn, d, I)) {
+            trc = ERR_NOMEM;
+            snprintf(msg, sizeof msg, "cuda backend: out of memory converting experts");
         }
-        a13[2 * e] = kern_nvfp4_alpha(g.s2);
-        a13[2 * e + 1] = kern_nvfp4_alpha(up_.s2);
-        a2[e] = kern_nvfp4_alpha(dn.s2);
-        up_at(u, d13 + b13 * e, h13, b13);
-        up_at(u, ds13 + s13 * e, hs13, s13);
-        up_at(u, d2 + b2 * e, h2, b2);
-        up_at(u, ds2 + s2b * e, hs2, s2b);
+#pragma omp for schedule(dynamic)
+        for (int e = 0; e < E; e++) {
+            if (trc)
+                continue;
+            int r;
+            if ((r = nvfp4_from_mxfp4(lw->w1[e].w, lw->w1[e].scale, &g, &rep)) ||
+                (r = nvfp4_from_mxfp4(lw->w3[e].w, lw->w3[e].scale, &up_, &rep)) ||
+                (r = nvfp4_from_mxfp4(lw->w2[e].w, lw->w2[e].scale, &dn, &rep)) ||
+                (r = kern_nvfp4_pack_gateup(g.q, g.s, up_.q, up_.s, I, d, h13, hs13)) ||
+                (r = kern_nvfp4_pack(dn.q, dn.s, d, I, h2, hs2))) {
+                trc = r;
+#pragma omp critical(dsv4_cuda_msg)
+                snprintf(msg, sizeof msg, "cuda backend: expert %d: NVFP4 conversion failed (%s)",
+                         e, err_str(r));
+                continue;
+            }
+            a13[2 * e] = kern_nvfp4_alpha(g.s2);
+            a13[2 * e + 1] = kern_nvfp4_alpha(up_.s2);
+            a2[e] = kern_nvfp4_alpha(dn.s2);
+            if ((r = kern_h2d(d13 + b13 * e, h13, b13)) ||
+                (r = kern_h2d(ds13 + s13 * e, hs13, s13)) || (r = kern_h2d(d2 + b2 * e, h2, b2)) ||
+                (r = kern_h2d(ds2 + s2b * e, hs2, s2b))) {
+                trc = r;
+#pragma omp critical(dsv4_cuda_msg)
+                snprintf(msg, sizeof msg, "cuda backend: expert %d: upload failed: %s", e,
+                         kern_last_error());
+            }
+        }
+#pragma omp critical(dsv4_cuda_rep)
+        {
+            if (trc && !rc)
+                rc = trc;
+            ci->rep.n_mats += rep.n_mats;
+            ci->rep.n_exact += rep.n_exact;
+            ci->rep.n_inexact += rep.n_inexact;
+            if (rep.worst_rel > ci->rep.worst_rel) {
+                ci->rep.worst_rel = rep.worst_rel;
+                ci->rep.worst_span = rep.worst_span;
+            }
+        }
+        nvfp4_mat_free(&g), nvfp4_mat_free(&up_), nvfp4_mat_free(&dn);
+        free(h13), free(hs13), free(h2), free(hs2);
+    }
+    if (rc) {
+        free(a13), free(a2);
+        return err_setf(rc, "%s", msg);
     }
     up_at(u, da13, a13, sizeof(float) * 2 * E);
     up_at(u, da2, a2, sizeof(float) * E);
     if (!rc && lw->has_shared) {
-        uint8_t *p13 = malloc(kern_fp8_data_bytes(2 * I, d)), *p2 = malloc(kern_fp8_data_bytes(d, I));
+        uint8_t *p13 = malloc(kern_fp8_data_bytes(2 * I, d)),
+                *p2 = malloc(kern_fp8_data_bytes(d, I));
         uint16_t *f13 = malloc(2 * f13n), *f2 = malloc(2 * f2n);
         if (!p13 || !p2 || !f13 || !f2)
             rc = err_setf(ERR_NOMEM, "cuda backend: out of memory packing the shared expert");
-        if (!rc && ((rc = kern_fp8_pack_gateup(lw->sh_w1.w, lw->sh_w1.scale, lw->sh_w3.w,
-                                                lw->sh_w3.scale, lw->sh_w1.scale_f32, I, d, p13,
-                                                f13, M->sh_alpha13)) ||
-                    (rc = kern_fp8_pack(lw->sh_w2.w, lw->sh_w2.scale, lw->sh_w2.scale_f32, d, I, p2,
-                                        f2, &M->sh_alpha2))))
+        if (!rc &&
+            ((rc = kern_fp8_pack_gateup(lw->sh_w1.w, lw->sh_w1.scale, lw->sh_w3.w, lw->sh_w3.scale,
+                                        lw->sh_w1.scale_f32, I, d, p13, f13, M->sh_alpha13)) ||
+             (rc = kern_fp8_pack(lw->sh_w2.w, lw->sh_w2.scale, lw->sh_w2.scale_f32, d, I, p2, f2,
+                                 &M->sh_alpha2))))
             rc = err_setf(rc, "cuda backend: shared expert: FP8 packing failed (%s)", err_str(rc));
         if (!rc) {
             up_at(u, q13, p13, kern_fp8_data_bytes(2 * I, d));
@@ -337,10 +475,20 @@ static int up_moe_nvfp4(struct cuda_impl *ci, struct uploader *u, const struct d
         }
         free(p13), free(p2), free(f13), free(f2);
     }
-out:
-    nvfp4_mat_free(&g), nvfp4_mat_free(&up_), nvfp4_mat_free(&dn);
-    free(h13), free(hs13), free(h2), free(hs2), free(a13), free(a2);
+    free(a13), free(a2);
     return rc ? rc : u->rc;
+}
+
+/* One line per layer on stderr (rewritten in place on a terminal) while weights upload. */
+static void upload_progress(const struct cuda_impl *ci, const struct uploader *u, int done, int n)
+{
+    if (!ci->progress || u->pass == 0)
+        return;
+    int tty = isatty(2);
+    fprintf(stderr, "%scuda backend: loading weights: %d/%d layers, %.2f of %.2f GiB%s",
+            tty ? "\r" : "", done, n, (double)u->off / (1 << 30), (double)ci->wbytes / (1 << 30),
+            tty && done < n ? "" : "\n");
+    fflush(stderr);
 }
 
 static int upload_weights(struct cuda_impl *ci, struct uploader *u)
@@ -355,12 +503,13 @@ static int upload_weights(struct cuda_impl *ci, struct uploader *u)
     if (!tmp)
         return err_setf(ERR_NOMEM, "cuda backend: out of memory");
     ci->embed = up_qmat(u, &w->embed);
-    ci->head = up_qmat(u, &w->head);
+    ci->head = up_lin(ci, u, &w->head, 0);
     ci->norm = up_f32(u, w->norm, (size_t)d);
     ci->hc_head = up_hc(u, &w->hc_head, n, n, d, 1);
     ci->inv_main = up_f32(u, m->inv_freq_main, (size_t)c->rope_dim / 2);
     ci->inv_comp = up_f32(u, m->inv_freq_compress, (size_t)c->rope_dim / 2);
     for (int li = 0; li < c->n_layers && !u->rc; li++) {
+        upload_progress(ci, u, li, c->n_layers);
         const struct dsv4_layer_w *lw = &w->layers[li];
         const struct dsv4_layer_spec *sp = &m->sched.layers[li];
         struct dev_layer *L = &ci->layers[li];
@@ -369,20 +518,20 @@ static int upload_weights(struct cuda_impl *ci, struct uploader *u)
         L->ffn_norm = up_f32(u, lw->ffn_norm, (size_t)d);
         L->hc_attn = up_hc(u, &lw->hc_attn, nmix, n, d, 3);
         L->hc_ffn = up_hc(u, &lw->hc_ffn, nmix, n, d, 3);
-        L->wq_a = up_qmat(u, &lw->wq_a);
+        L->wq_a = up_lin(ci, u, &lw->wq_a, 0);
         L->q_norm = up_f32(u, lw->q_norm, (size_t)c->q_lora_rank);
-        L->wq_b = up_qmat(u, &lw->wq_b);
-        L->wkv = up_qmat(u, &lw->wkv);
+        L->wq_b = up_lin(ci, u, &lw->wq_b, 0);
+        L->wkv = up_lin(ci, u, &lw->wkv, 0);
         L->kv_norm = up_f32(u, lw->kv_norm, (size_t)c->head_dim);
-        L->wo_a = up_qmat(u, &lw->wo_a);
-        L->wo_b = up_qmat(u, &lw->wo_b);
+        L->wo_a = up_lin(ci, u, &lw->wo_a, c->o_lora_rank);
+        L->wo_b = up_lin(ci, u, &lw->wo_b, 0);
         L->attn_sink = up_f32(u, lw->attn_sink, (size_t)c->n_heads);
         if (sp->ratio)
-            L->comp = up_comp(u, &lw->comp);
+            L->comp = up_comp(ci, u, &lw->comp);
         if (sp->attn == DSV4_ATTN_CSA) {
-            L->icomp = up_comp(u, &lw->icomp);
-            L->idx_wq_b = up_qmat(u, &lw->idx_wq_b);
-            L->idx_wproj = up_qmat(u, &lw->idx_wproj);
+            L->icomp = up_comp(ci, u, &lw->icomp);
+            L->idx_wq_b = up_lin(ci, u, &lw->idx_wq_b, 0);
+            L->idx_wproj = up_lin(ci, u, &lw->idx_wproj, 0);
         }
         L->gate = up_qmat(u, &lw->gate);
         L->gate_bias = NULL;
@@ -415,13 +564,15 @@ static int upload_weights(struct cuda_impl *ci, struct uploader *u)
         L->w2 = up_experts(u, lw->w2, E, tmp);
         L->w3 = up_experts(u, lw->w3, E, tmp);
         if (lw->has_shared) {
-            L->sh_w1 = up_qmat(u, &lw->sh_w1);
-            L->sh_w2 = up_qmat(u, &lw->sh_w2);
-            L->sh_w3 = up_qmat(u, &lw->sh_w3);
+            L->sh_w1 = up_lin(ci, u, &lw->sh_w1, 0);
+            L->sh_w2 = up_lin(ci, u, &lw->sh_w2, 0);
+            L->sh_w3 = up_lin(ci, u, &lw->sh_w3, 0);
         }
     }
     free(tmp);
     free(t2e);
+    if (!u->rc)
+        upload_progress(ci, u, c->n_layers, c->n_layers);
     return u->rc;
 }
 
@@ -433,38 +584,64 @@ static size_t comp_state_floats(int ratio, int D)
     return (size_t)coff * ratio * coff * D;
 }
 
-/* Fill each layer's cache offsets; returns floats per slot and per block. */
-static void cache_layout(struct cuda_impl *ci, size_t *slot_floats, size_t *block_floats)
+/* Round a byte offset up to 16 (the float4 loads of the fast kernels). */
+static size_t align16(size_t n)
+{
+    return (n + 15) & ~(size_t)15;
+}
+
+/*
+ * Fill each layer's cache offsets (bytes) and formats; returns bytes per slot and per block. The
+ * fast path in model numerics keeps KV entries and indexer keys in their FP8 formats
+ * (kernels.h: 584 and 132 bytes at the real widths); otherwise FP32.
+ */
+static void cache_layout(struct cuda_impl *ci, size_t *slot_bytes, size_t *block_bytes)
 {
     const struct dsv4_config *c = &ci->m->cfg;
+    const int fp8 = ci->fp8_kv, hd = c->head_dim, Di = c->index_head_dim;
+    const size_t ent = fp8 ? kern_kv_fp8_bytes(hd, c->rope_dim) : sizeof(float) * (size_t)hd;
+    const size_t ient = fp8 ? kern_ikey_fp8_bytes(Di) : sizeof(float) * (size_t)Di;
     size_t so = 0, bo = 0;
     for (int li = 0; li < c->n_layers; li++) {
         const struct dsv4_layer_spec *sp = &ci->m->sched.layers[li];
         struct kern_layer_cache *l = &ci->layers[li].cache;
         memset(l, 0, sizeof *l);
         l->ratio = sp->ratio;
+        l->fp8 = fp8;
+        l->rope = c->rope_dim;
+        l->ent = ent;
+        l->ient = ient;
         l->win = so;
-        so += (size_t)c->sliding_window * c->head_dim;
+        so = align16(so + (size_t)c->sliding_window * ent);
         if (sp->ratio) {
-            size_t nc = comp_state_floats(sp->ratio, c->head_dim);
+            size_t nc = sizeof(float) * comp_state_floats(sp->ratio, hd);
             l->comp_kv = so;
             l->comp_sc = so + nc;
             so += 2 * nc;
             int per = DSV4_BLOCK_TOKENS / sp->ratio;
             l->blk = bo;
-            bo += (size_t)per * c->head_dim;
+            bo = align16(bo + (size_t)per * ent);
             if (sp->attn == DSV4_ATTN_CSA) {
-                size_t ni = comp_state_floats(sp->ratio, c->index_head_dim);
+                size_t ni = sizeof(float) * comp_state_floats(sp->ratio, Di);
                 l->icomp_kv = so;
                 l->icomp_sc = so + ni;
                 so += 2 * ni;
                 l->blk_i = bo;
-                bo += (size_t)per * c->index_head_dim;
+                bo = align16(bo + (size_t)per * ient);
             }
         }
     }
-    *slot_floats = so;
-    *block_floats = bo ? bo : 1;
+    *slot_bytes = so;
+    *block_bytes = bo ? bo : 16;
+}
+
+/* ---- captured steps ---- */
+
+static void graphs_clear(struct cuda_impl *ci)
+{
+    for (int i = 0; i < ci->n_graphs; i++)
+        kern_graph_free(ci->graph[i].exec);
+    ci->n_graphs = 0;
 }
 
 /* ---- scratch ---- */
@@ -528,6 +705,12 @@ static size_t scratch_layout(const struct cuda_impl *ci, int T, int ld, char *ba
     CARVE(y, t * d * F);
     if (ci->nvfp4)
         CARVE(moe_ws, kern_moe_workspace_bytes(&ci->layers[0].moe, T));
+    if (!ci->exact) {
+        CARVE(xb, 2 * t * (size_t)ci->max_cols * 2);
+        CARVE(ysplit, 2 * t * (size_t)ci->split_rows * F);
+        CARVE(mix, kern_hc_fast_ws_floats(T, (int)n) * F);
+        CARVE(att_ws, kern_attention_fast_ws_floats((int)H, (int)hd) * F);
+    }
 #undef CARVE
     return off;
 }
@@ -545,8 +728,10 @@ static int scratch_reserve(struct cuda_impl *ci, int T, int ld)
     if (!rc)
         rc = kern_malloc(&p, bytes);
     if (rc)
-        return err_setf(ERR_CUDA, "cuda backend: cannot allocate %zu bytes of scratch for %d rows: %s",
-                        bytes, nT, kern_last_error());
+        return err_setf(ERR_CUDA,
+                        "cuda backend: cannot allocate %zu bytes of scratch for %d rows: %s", bytes,
+                        nT, kern_last_error());
+    graphs_clear(ci); /* they address the old scratch */
     kern_free(ci->smem);
     ci->smem = p;
     ci->smem_bytes = bytes;
@@ -589,6 +774,46 @@ static int32_t block_take(struct cuda_impl *ci)
     return b;
 }
 
+/* ---- DSV4_CUDA_PROFILE=1: time per op group (each mark synchronises; for diagnosis only) ---- */
+
+static const char *const pr_names[PR_N] = {"mHC pre/post",
+                                           "compressor/indexer projections",
+                                           "q/kv projections",
+                                           "q/kv norm+rope",
+                                           "compressors",
+                                           "indexer",
+                                           "attention+window",
+                                           "output projection",
+                                           "MoE",
+                                           "embed+head"};
+
+static void prof_mark(struct cuda_impl *ci, int bucket)
+{
+    if (!ci->prof)
+        return;
+    (void)kern_stream_sync(ci->stream);
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    double t = (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+    if (bucket >= 0 && ci->prof_t)
+        ci->prof_acc[bucket] += t - ci->prof_t;
+    ci->prof_t = t;
+}
+
+static void prof_report(struct cuda_impl *ci, int T)
+{
+    if (!ci->prof)
+        return;
+    double tot = 0;
+    for (int i = 0; i < PR_N; i++)
+        tot += ci->prof_acc[i];
+    fprintf(stderr, "cuda profile: step of %d rows: %.3f ms:", T, 1e3 * tot);
+    for (int i = 0; i < PR_N; i++)
+        fprintf(stderr, " %s %.3f;", pr_names[i], 1e3 * ci->prof_acc[i]);
+    fprintf(stderr, "\n");
+    memset(ci->prof_acc, 0, sizeof ci->prof_acc);
+}
+
 /* ---- the walk ---- */
 
 #define TRY(call)                                                                                  \
@@ -614,17 +839,74 @@ static int quantizable(const struct kern_qmat *W)
     return W->fmt == KERN_W_FP8 || W->fmt == KERN_W_MXFP4;
 }
 
-/* y (T, rows) = W x with the model's activation round trip when W is FP8/FP4 (linear_q). */
-static int lin_q(struct cuda_impl *ci, const struct kern_qmat *W, const float *x, float *xq_buf,
-                 int T, float *y)
+/* hc_pre of a sub-layer: x (T, d) normed input, post, comb. */
+static int hc_pre(struct cuda_impl *ci, const struct dev_hc *h, const float *norm, int T)
 {
-    if (ci->quant && quantizable(W)) {
-        int rc = kern_act_quant_fp8(x, T, W->cols, xq_buf, ci->stream);
-        if (rc)
+    const struct dsv4_config *c = &ci->m->cfg;
+    struct scratch *s = &ci->s;
+    const int n = c->hc_mult, d = c->hidden_size;
+    const float eps = (float)c->rms_norm_eps;
+    if (ci->exact)
+        return kern_hc_pre(s->X, T, n, d, h->fn, h->base, h->scale, c->hc_sinkhorn_iters,
+                           (float)c->hc_eps, eps, norm, s->x, s->post, s->comb, ci->stream);
+    return kern_hc_pre_fast(s->X, T, n, d, h->fn, h->base, h->scale, c->hc_sinkhorn_iters,
+                            (float)c->hc_eps, eps, norm, s->mix, s->x, s->post, s->comb,
+                            ci->stream);
+}
+
+/* The activations of a linear: as computed, a linear_q's FP8 round trip to apply first, or
+ * already FP8-rounded (by kern_swiglu). The round trips happen only in model numerics. */
+enum { ACT_F32 = 0, ACT_QUANT = 1, ACT_QUANTIZED = 2 };
+
+/*
+ * y (T, rows; row stride ldy) = W x (T, cols; row stride ldx). act: ACT_*; with ACT_QUANT and
+ * FP8/FP4 weights the round trip lands in xq_buf (T, cols). Packed FP8 weights run on the tensor
+ * cores, BF16 weights through cuBLAS (x split into hi + lo where it is not FP8-rounded:
+ * linear_fast.cu), the rest on the exact kernels. grp_rows/grp_xoff: the grouped output projection
+ * (row group i reads x + i * grp_xoff).
+ */
+static int lin_grouped(struct cuda_impl *ci, const struct dev_lin *W, const float *x, int ldx,
+                       int T, int act, float *xq_buf, float *y, int ldy, int grp_rows, int grp_xoff)
+{
+    struct scratch *s = &ci->s;
+    struct CUstream_st *st = ci->stream;
+    const int rows = W->q.rows, cols = W->q.cols;
+    int rc;
+    const int fp8_act = act != ACT_F32 && ci->quant && quantizable(&W->q);
+    if (act == ACT_QUANT && fp8_act) {
+        if ((rc = kern_act_quant_fp8(x, T, cols, xq_buf, st)))
             return rc;
         x = xq_buf;
+        ldx = cols;
     }
-    return kern_linear(W, x, W->cols, T, y, W->rows, 0, 0, ci->stream);
+    const int groups = grp_rows ? rows / grp_rows : 1, gr = grp_rows ? grp_rows : rows;
+    const int xw = grp_rows ? (groups - 1) * grp_xoff + cols : cols; /* x columns read */
+    const int split = !fp8_act, R = split ? 2 * T : T; /* FP8 values are exact in BF16 */
+    if (W->p.data) { /* groups in one launch: group g's rows read x + g * grp_xoff */
+        const int perm = kern_gemm_fp8_perm(gr, groups, R);
+        struct kern_fp8_mat v = W->p;
+        v.rows = gr;
+        if ((rc = kern_act_bf16(x, ldx, T, xw, split, perm, s->xb, st)) ||
+            (rc = kern_gemm_fp8(&v, groups, s->xb, xw, grp_rows ? (size_t)grp_xoff : 0, R,
+                                split ? s->ysplit : y, split ? rows : ldy, (size_t)gr, st)))
+            return rc;
+        return split ? kern_add_split(s->ysplit, T, rows, y, ldy, st) : 0;
+    }
+    if (!ci->exact && W->q.fmt == KERN_W_BF16 && !grp_rows) {
+        float *yo = split ? (rows > ci->split_rows ? ci->logits_split : s->ysplit) : y;
+        if ((rc = kern_act_bf16(x, ldx, T, cols, split, 0, s->xb, st)) ||
+            (rc = kern_blas_gemm_bf16(ci->blas, W->q.w, rows, cols, s->xb, cols, R, yo,
+                                      split ? rows : ldy)))
+            return rc;
+        return split ? kern_add_split(yo, T, rows, y, ldy, st) : 0;
+    }
+    return kern_linear(&W->q, x, ldx, T, y, ldy, grp_rows, grp_xoff, st);
+}
+
+static int lin(struct cuda_impl *ci, const struct dev_lin *W, const float *x, int T, int act,
+               float *xq_buf, float *y)
+{
+    return lin_grouped(ci, W, x, W->q.cols, T, act, xq_buf, y, W->q.rows, 0, 0);
 }
 
 static int attention_sublayer(struct cuda_impl *ci, int li, const struct kern_batch *b)
@@ -640,29 +922,31 @@ static int attention_sublayer(struct cuda_impl *ci, int li, const struct kern_ba
     const float *inv = sp->rope == DSV4_ROPE_MAIN ? ci->inv_main : ci->inv_comp;
     const int csa = sp->attn == DSV4_ATTN_CSA;
     int rc;
-    TRY(kern_hc_pre(s->X, T, n, d, L->hc_attn.fn, L->hc_attn.base, L->hc_attn.scale,
-                    c->hc_sinkhorn_iters, (float)c->hc_eps, eps, L->attn_norm, s->x, s->post,
-                    s->comb, st));
+    TRY(hc_pre(ci, &L->hc_attn, L->attn_norm, T));
+    prof_mark(ci, PR_HC);
     /* compressor and indexer projections on x as is */
     if (sp->ratio) {
-        TRY(kern_linear(&L->comp.wkv, s->x, d, T, s->ca, L->comp.wkv.rows, 0, 0, st));
-        TRY(kern_linear(&L->comp.wgate, s->x, d, T, s->cz, L->comp.wgate.rows, 0, 0, st));
+        TRY(lin(ci, &L->comp.wkv, s->x, T, ACT_F32, NULL, s->ca));
+        TRY(lin(ci, &L->comp.wgate, s->x, T, ACT_F32, NULL, s->cz));
     }
     if (csa) {
-        TRY(kern_linear(&L->icomp.wkv, s->x, d, T, s->ia, L->icomp.wkv.rows, 0, 0, st));
-        TRY(kern_linear(&L->icomp.wgate, s->x, d, T, s->iz, L->icomp.wgate.rows, 0, 0, st));
-        TRY(kern_linear(&L->idx_wproj, s->x, d, T, s->wi, Hi, 0, 0, st));
+        TRY(lin(ci, &L->icomp.wkv, s->x, T, ACT_F32, NULL, s->ia));
+        TRY(lin(ci, &L->icomp.wgate, s->x, T, ACT_F32, NULL, s->iz));
+        TRY(lin(ci, &L->idx_wproj, s->x, T, ACT_F32, NULL, s->wi));
     }
-    TRY(lin_q(ci, &L->wq_a, s->x, s->xq, T, s->qlat));
-    TRY(lin_q(ci, &L->wkv, s->x, s->xq, T, s->kv));
+    prof_mark(ci, PR_PROJ16);
+    TRY(lin(ci, &L->wq_a, s->x, T, ACT_QUANT, s->xq, s->qlat));
+    TRY(lin(ci, &L->wkv, s->x, T, ACT_QUANT, s->xq, s->kv));
     TRY(kern_rmsnorm(s->qlat, L->q_norm, T, ql, eps, s->qlat, st));
-    TRY(lin_q(ci, &L->wq_b, s->qlat, s->qlat_q, T, s->q));
+    TRY(lin(ci, &L->wq_b, s->qlat, T, ACT_QUANT, s->qlat_q, s->q));
     if (csa)
-        TRY(lin_q(ci, &L->idx_wq_b, s->qlat, s->qlat_q, T, s->qi));
+        TRY(lin(ci, &L->idx_wq_b, s->qlat, T, ACT_QUANT, s->qlat_q, s->qi));
+    prof_mark(ci, PR_PROJ);
     TRY(kern_q_heads(s->q, b, H, hd, r, inv, eps, st));
     TRY(kern_kv_prep(s->kv, b, hd, L->kv_norm, r, inv, eps, ci->quant, st));
     if (csa)
         TRY(kern_iq_prep(s->qi, s->wi, b, Hi, Di, r, inv, ci->quant, st));
+    prof_mark(ci, PR_PREP);
     /* compressors (entries land in the blocks), then the indexer's selection */
     if (sp->ratio)
         TRY(kern_compress(b, &ci->cache, &L->cache, s->ca, s->cz, L->comp.ape, L->comp.norm,
@@ -670,20 +954,32 @@ static int attention_sublayer(struct cuda_impl *ci, int li, const struct kern_ba
     if (csa) {
         TRY(kern_compress(b, &ci->cache, &L->cache, s->ia, s->iz, L->icomp.ape, L->icomp.norm,
                           L->icomp.D, L->icomp.overlap, 1, r, ci->inv_comp, eps, ci->quant, st));
-        TRY(kern_indexer_topk(b, &ci->cache, &L->cache, s->qi, s->wi, Hi, Di, c->index_topk,
-                              s->scores, ci->ld_cap, s->sel, st));
+        prof_mark(ci, PR_COMP);
+        TRY((ci->exact ? kern_indexer_topk
+                       : kern_indexer_topk_fast)(b, &ci->cache, &L->cache, s->qi, s->wi, Hi, Di,
+                                                 c->index_topk, s->scores, ci->ld_cap, s->sel, st));
     }
-    TRY(kern_sink_attention(b, &ci->cache, &L->cache, s->q, s->kv, csa ? s->sel : NULL,
-                            c->index_topk, L->attn_sink, H, hd, c->sliding_window, r, inv, s->o,
-                            st));
+    prof_mark(ci, csa ? PR_INDEX : PR_COMP);
+    if (ci->exact)
+        TRY(kern_sink_attention(b, &ci->cache, &L->cache, s->q, s->kv, csa ? s->sel : NULL,
+                                c->index_topk, L->attn_sink, H, hd, c->sliding_window, r, inv, s->o,
+                                st));
+    else
+        TRY(kern_sink_attention_fast(b, &ci->cache, &L->cache, s->q, s->kv, csa ? s->sel : NULL,
+                                     c->index_topk, L->attn_sink, H, hd, c->sliding_window, r, inv,
+                                     s->o, s->att_ws, st));
     TRY(kern_window_write(b, &ci->cache, &L->cache, s->kv, hd, c->sliding_window, st));
+    prof_mark(ci, PR_ATTN);
     /* grouped output projection: group g's rows of wo_a read group g's slice of o */
     {
         const int g = c->o_groups, dg = c->o_lora_rank;
-        TRY(kern_linear(&L->wo_a, s->o, H * hd, T, s->zo, g * dg, dg, H * hd / g, st));
-        TRY(lin_q(ci, &L->wo_b, s->zo, s->zo_q, T, s->out));
+        TRY(lin_grouped(ci, &L->wo_a, s->o, H * hd, T, ACT_F32, NULL, s->zo, g * dg, dg,
+                        H * hd / g));
+        TRY(lin(ci, &L->wo_b, s->zo, T, ACT_QUANT, s->zo_q, s->out));
     }
+    prof_mark(ci, PR_OUT);
     TRY(kern_hc_post(s->out, s->X, s->post, s->comb, T, n, d, s->X2, st));
+    prof_mark(ci, PR_HC);
     {
         float *tmp = s->X;
         s->X = s->X2;
@@ -702,11 +998,10 @@ static int moe_sublayer(struct cuda_impl *ci, int li, const struct kern_batch *b
     struct CUstream_st *st = ci->stream;
     const int T = b->T, d = c->hidden_size, n = c->hc_mult, E = c->n_routed_experts;
     const int K = c->n_experts_per_tok, I = c->moe_inter, P = T * K;
-    const float eps = (float)c->rms_norm_eps, limit = (float)c->swiglu_limit;
+    const float limit = (float)c->swiglu_limit;
     int rc;
-    TRY(kern_hc_pre(s->X, T, n, d, L->hc_ffn.fn, L->hc_ffn.base, L->hc_ffn.scale,
-                    c->hc_sinkhorn_iters, (float)c->hc_eps, eps, L->ffn_norm, s->x, s->post,
-                    s->comb, st));
+    TRY(hc_pre(ci, &L->hc_ffn, L->ffn_norm, T));
+    prof_mark(ci, PR_HC);
     if (ci->nvfp4) { /* route + routed experts + shared expert, BF16 activations */
         TRY(kern_moe_forward(&L->moe, s->x, b->tokens, T, s->out, s->moe_ws, ci->moe_ws_bytes, st));
         goto post;
@@ -725,15 +1020,17 @@ static int moe_sublayer(struct cuda_impl *ci, int li, const struct kern_batch *b
     TRY(kern_swiglu(s->g, s->u, P, I, limit, s->wts, ci->quant, s->g, st));
     TRY(kern_linear_experts(L->w2, E, L->exp_fmt, d, I, s->idx, P, 1, s->g, I, s->ys, d, st));
     if (L->has_shared) {
-        TRY(lin_q(ci, &L->sh_w1, s->x, s->xq, T, s->sg));
-        TRY(lin_q(ci, &L->sh_w3, s->x, s->xq, T, s->su));
-        TRY(kern_swiglu(s->sg, s->su, T, I, limit, NULL, ci->quant && quantizable(&L->sh_w2),
+        TRY(lin(ci, &L->sh_w1, s->x, T, ACT_QUANT, s->xq, s->sg));
+        TRY(lin(ci, &L->sh_w3, s->x, T, ACT_QUANT, s->xq, s->su));
+        TRY(kern_swiglu(s->sg, s->su, T, I, limit, NULL, ci->quant && quantizable(&L->sh_w2.q),
                         s->sg, st));
-        TRY(kern_linear(&L->sh_w2, s->sg, I, T, s->so, d, 0, 0, st));
+        TRY(lin(ci, &L->sh_w2, s->sg, T, ACT_QUANTIZED, NULL, s->so));
     }
     TRY(kern_moe_combine(s->ys, L->has_shared ? s->so : NULL, T, K, d, s->out, st));
 post:
+    prof_mark(ci, PR_MOE);
     TRY(kern_hc_post(s->out, s->X, s->post, s->comb, T, n, d, s->X2, st));
+    prof_mark(ci, PR_HC);
     {
         float *tmp = s->X;
         s->X = s->X2;
@@ -746,11 +1043,87 @@ fail:
 
 /* ---- struct backend ---- */
 
+/* Grow the batch-description buffers (pinned host + device) to hold `ints` int32s. */
+static int meta_reserve(struct cuda_impl *ci, size_t ints)
+{
+    if (ints * 4 <= ci->meta_cap)
+        return 0;
+    size_t cap = ints * 4 * 2;
+    void *h = NULL, *dv = NULL;
+    int rc;
+    if ((rc = kern_stream_sync(ci->stream)) || (rc = kern_host_alloc(&h, cap)) ||
+        (rc = kern_malloc(&dv, cap))) {
+        kern_host_free(h);
+        return err_setf(ERR_CUDA, "cuda backend: cannot allocate %zu bytes for a batch: %s", cap,
+                        kern_last_error());
+    }
+    graphs_clear(ci); /* they copy from and read the old buffers */
+    kern_host_free(ci->meta_h);
+    kern_free(ci->meta_d);
+    ci->meta_h = h;
+    ci->meta_d = dv;
+    ci->meta_cap = cap;
+    return 0;
+}
+
+/*
+ * Enqueue one step: the batch description (meta_ints int32s from pinned memory), the walk,
+ * and (nsel > 0) the head of the rows listed in rows_d, whose logits land in out (host; NULL:
+ * not copied) and, with greedy, whose argmax tokens land in tok_h.
+ */
+static int enqueue_step(struct cuda_impl *ci, const struct kern_batch *b, size_t meta_ints,
+                        int nsel, const int32_t *rows_d, float *out, int greedy)
+{
+    const struct dsv4_config *c = &ci->m->cfg;
+    struct scratch *s = &ci->s;
+    const int d = c->hidden_size, n = c->hc_mult;
+    int rc;
+    prof_mark(ci, -1);
+    TRY(kern_h2d_async(ci->meta_d, ci->meta_h, meta_ints * 4, ci->stream));
+    TRY(kern_embed(&ci->embed, b->tokens, b->T, n, s->X, ci->stream));
+    prof_mark(ci, PR_HEAD);
+    for (int li = 0; li < c->n_layers; li++)
+        if ((rc = attention_sublayer(ci, li, b)) || (rc = moe_sublayer(ci, li, b)))
+            return rc;
+    if (nsel) {
+        if (ci->exact)
+            TRY(kern_hc_head(s->X, rows_d, nsel, n, d, ci->hc_head.fn, ci->hc_head.base,
+                             ci->hc_head.scale, (float)c->hc_eps, (float)c->rms_norm_eps, ci->norm,
+                             s->y, ci->stream));
+        else /* the gathered rows go to X2 (free between sub-layers) */
+            TRY(kern_hc_head_fast(s->X, rows_d, nsel, n, d, ci->hc_head.fn, ci->hc_head.base,
+                                  ci->hc_head.scale, (float)c->hc_eps, (float)c->rms_norm_eps,
+                                  ci->norm, s->X2, s->mix, s->y, ci->stream));
+        TRY(lin(ci, &ci->head, s->y, nsel, ACT_F32, NULL, ci->logits_d));
+        if (greedy) {
+            TRY(kern_argmax_rows(ci->logits_d, nsel, c->vocab_size, ci->tok_d, ci->stream));
+            TRY(kern_d2h_async(ci->tok_h, ci->tok_d, sizeof(int32_t) * (size_t)nsel, ci->stream));
+        }
+        if (out)
+            TRY(kern_d2h_async(out, ci->logits_d, sizeof(float) * (size_t)nsel * c->vocab_size,
+                               ci->stream));
+    }
+    return 0;
+fail:
+    return kfail(rc, "step", -1, b->T);
+}
+
+/* The graph bucket of a decode batch of nseq rows (powers of two, then n_slots), or 0. */
+static int graph_bucket(const struct cuda_impl *ci, int nseq, int n_slots)
+{
+    int B = 1;
+    while (B < nseq)
+        B *= 2;
+    return B <= n_slots ? B : (nseq <= n_slots ? n_slots : 0);
+}
+
 static int cuda_step(struct backend *bk, const struct backend_seq *seqs, int nseq, float *logits)
 {
     struct cuda_impl *ci = bk->impl;
     const struct dsv4_config *c = &ci->m->cfg;
-    int T = 0, nsel = 0, need = 0, max_pos = 0, total_bt = 0, rc;
+    int T = 0, nsel = 0, need = 0, max_pos = 0, max_n = 0, total_bt = 0, decode = 1, greedy = 0;
+    int rows_lg = 0;
+    int rc;
     if (nseq <= 0)
         return 0;
     if (nseq > bk->n_slots)
@@ -775,7 +1148,11 @@ static int cuda_step(struct backend *bk, const struct backend_seq *seqs, int nse
         need += nb - sl->n_blocks;
         total_bt += nb;
         T += q->n;
+        max_n = q->n > max_n ? q->n : max_n;
         nsel += q->want_logits != 0;
+        greedy |= q->want_logits && q->greedy_out;
+        rows_lg |= q->want_logits && !q->greedy_out;
+        decode &= q->n == 1 && q->want_logits;
         if (sl->pos + q->n > max_pos)
             max_pos = (int)(sl->pos + q->n);
     }
@@ -789,29 +1166,34 @@ static int cuda_step(struct backend *bk, const struct backend_seq *seqs, int nse
         while (sl->n_blocks < nb)
             sl->blocks[sl->n_blocks++] = block_take(ci);
     }
-    /* the batch description: one pinned buffer, one copy */
-    size_t meta_ints = (size_t)3 * T + (size_t)4 * nseq + (size_t)total_bt + (size_t)nsel;
-    if (meta_ints * 4 > ci->meta_cap) {
-        size_t cap = meta_ints * 4 * 2;
-        void *h = NULL, *dv = NULL;
-        if ((rc = kern_stream_sync(ci->stream)) || (rc = kern_host_alloc(&h, cap)) ||
-            (rc = kern_malloc(&dv, cap))) {
-            kern_host_free(h);
-            return err_setf(ERR_CUDA, "cuda backend: cannot allocate %zu bytes for a batch: %s",
-                            cap, kern_last_error());
-        }
-        kern_host_free(ci->meta_h);
-        kern_free(ci->meta_d);
-        ci->meta_h = h;
-        ci->meta_d = dv;
-        ci->meta_cap = cap;
+    /*
+     * A decode step (one token and its logits per sequence) replays a CUDA graph captured for
+     * its bucket: B rows (the batch padded with rows of token -1 on the spare slot and block,
+     * which no kernel lets touch the real rows), launch sizes for positions up to PB. Other
+     * steps launch kernel by kernel.
+     */
+    const int B = decode && ci->graphs ? graph_bucket(ci, nseq, bk->n_slots) : 0;
+    int PB = 0;
+    if (B) {
+        PB = 256;
+        while (PB < max_pos)
+            PB *= 2;
+        if (PB > c->max_position_embeddings)
+            PB = (int)c->max_position_embeddings;
+        T = nsel = B;
+        total_bt = B * dsv4_kv_blocks_for(PB) + 1;
+        max_pos = PB;
     }
-    if ((rc = scratch_reserve(ci, T, max_pos / 4 + 1)))
+    /* the batch description; in a graph bucket the offsets depend on B only (bt last) */
+    const int NS = B ? B : nseq;
+    size_t meta_ints = (size_t)3 * T + (size_t)4 * NS + (size_t)nsel + (size_t)total_bt;
+    if ((rc = meta_reserve(ci, meta_ints)) || (rc = scratch_reserve(ci, T, max_pos / 4 + 1)))
         return rc;
     int32_t *mh = ci->meta_h, *md = ci->meta_d;
-    int32_t *tok = mh, *rseq = tok + T, *rpos = rseq + T, *srow0 = rpos + T, *sn = srow0 + nseq;
-    int32_t *sslot = sn + nseq, *sbt = sslot + nseq, *bt = sbt + nseq, *rows = bt + total_bt;
-    for (int i = 0, row = 0, bo = 0, ns = 0; i < nseq; i++) {
+    int32_t *tok = mh, *rseq = tok + T, *rpos = rseq + T, *srow0 = rpos + T, *sn = srow0 + NS;
+    int32_t *sslot = sn + NS, *sbt = sslot + NS, *rows = sbt + NS, *bt = rows + nsel;
+    int row = 0, bo = 0, ns = 0;
+    for (int i = 0; i < nseq; i++) {
         const struct backend_seq *q = &seqs[i];
         const struct cuda_slot *sl = &ci->slots[q->slot];
         srow0[i] = row;
@@ -828,8 +1210,21 @@ static int cuda_step(struct backend *bk, const struct backend_seq *seqs, int nse
         if (q->want_logits)
             rows[ns++] = row - 1;
     }
+    if (B) { /* padding rows: the spare slot (n_slots) and the spare block (n_blocks) */
+        bt[bo] = bk->n_blocks;
+        for (int i = nseq; i < B; i++, row++) {
+            srow0[i] = row;
+            sn[i] = 1;
+            sslot[i] = bk->n_slots;
+            sbt[i] = bo;
+            tok[row] = -1;
+            rseq[row] = i;
+            rpos[row] = 0;
+            rows[ns++] = row;
+        }
+    }
     struct kern_batch b = {T,
-                           nseq,
+                           NS,
                            md,
                            md + (rseq - mh),
                            md + (rpos - mh),
@@ -838,29 +1233,54 @@ static int cuda_step(struct backend *bk, const struct backend_seq *seqs, int nse
                            md + (sslot - mh),
                            md + (sbt - mh),
                            md + (bt - mh),
-                           max_pos};
+                           max_pos,
+                           max_n};
     const int32_t *rows_d = md + (rows - mh);
-    struct scratch *s = &ci->s;
-    const int d = c->hidden_size, n = c->hc_mult;
-    TRY(kern_h2d_async(md, mh, meta_ints * 4, ci->stream));
-    TRY(kern_embed(&ci->embed, b.tokens, T, n, s->X, ci->stream));
-    for (int li = 0; li < c->n_layers; li++)
-        if ((rc = attention_sublayer(ci, li, &b)) || (rc = moe_sublayer(ci, li, &b)))
+    if (B) {
+        struct cuda_graph *g = NULL;
+        for (int i = 0; i < ci->n_graphs && !g; i++)
+            if (ci->graph[i].B == B && ci->graph[i].PB == PB && ci->graph[i].logits == rows_lg)
+                g = &ci->graph[i];
+        if (!g) {
+            if (ci->n_graphs == CUDA_MAX_GRAPHS)
+                graphs_clear(ci);
+            g = &ci->graph[ci->n_graphs];
+            if ((rc = kern_graph_begin(ci->stream)))
+                return err_setf(ERR_CUDA, "cuda backend: graph capture: %s", kern_last_error());
+            /* the graph always picks greedy tokens; it copies logits rows if any row wants them */
+            rc = enqueue_step(ci, &b, meta_ints, nsel, rows_d, rows_lg ? ci->out_h : NULL, 1);
+            void *exec = NULL;
+            int rc2 = kern_graph_end(ci->stream, &exec);
+            if (rc)
+                return rc;
+            if (rc2)
+                return err_setf(ERR_CUDA, "cuda backend: graph capture of a %d-row step: %s", B,
+                                kern_last_error());
+            *g = (struct cuda_graph){B, PB, rows_lg, exec};
+            ci->n_graphs++;
+        }
+        if ((rc = kern_graph_launch(g->exec, ci->stream)) || (rc = kern_stream_sync(ci->stream)))
+            return err_setf(ERR_CUDA, "cuda backend: step (graph of %d rows): %s", B,
+                            kern_last_error());
+        for (int i = 0; i < nseq && rows_lg; i++) /* the rows that are not greedy */
+            if (!seqs[i].greedy_out)
+                memcpy(logits + (size_t)i * c->vocab_size, ci->out_h + (size_t)i * c->vocab_size,
+                       sizeof(float) * (size_t)c->vocab_size);
+    } else {
+        if ((rc = enqueue_step(ci, &b, meta_ints, nsel, rows_d, rows_lg ? logits : NULL, greedy)))
             return rc;
-    if (nsel) {
-        TRY(kern_hc_head(s->X, rows_d, nsel, n, d, ci->hc_head.fn, ci->hc_head.base,
-                         ci->hc_head.scale, (float)c->hc_eps, (float)c->rms_norm_eps, ci->norm,
-                         s->y, ci->stream));
-        TRY(kern_linear(&ci->head, s->y, d, nsel, ci->logits_d, c->vocab_size, 0, 0, ci->stream));
-        TRY(kern_d2h_async(logits, ci->logits_d, sizeof(float) * (size_t)nsel * c->vocab_size,
-                           ci->stream));
+        if ((rc = kern_stream_sync(ci->stream)))
+            return kfail(rc, "step", -1, T);
+        prof_mark(ci, PR_HEAD);
+        prof_report(ci, T);
     }
-    TRY(kern_stream_sync(ci->stream));
-    for (int i = 0; i < nseq; i++)
+    for (int i = 0, r = 0; i < nseq; i++) {
         ci->slots[seqs[i].slot].pos += seqs[i].n;
+        if (seqs[i].want_logits && seqs[i].greedy_out)
+            *seqs[i].greedy_out = ci->tok_h[r];
+        r += seqs[i].want_logits != 0;
+    }
     return 0;
-fail:
-    return kfail(rc, "step", -1, T);
 }
 
 static int slot_clear_state(struct cuda_impl *ci, int slot)
@@ -905,18 +1325,19 @@ static int cuda_slot_fork(struct backend *bk, int dst, int src)
         ci->refs[ss->blocks[i]]++;
         sd->blocks[sd->n_blocks++] = ss->blocks[i];
     }
-    const size_t bb = sizeof(float) * ci->cache.block_floats;
+    const size_t bb = ci->cache.block_bytes;
     if (used > full) { /* the partially filled block is written by both: copy it */
         int32_t nb = block_take(ci);
         sd->blocks[sd->n_blocks++] = nb;
-        if ((rc = kern_d2d_async(ci->cache.blocks + (size_t)nb * ci->cache.block_floats,
-                                 ci->cache.blocks + (size_t)ss->blocks[full] * ci->cache.block_floats,
+        if ((rc = kern_d2d_async(ci->cache.blocks + (size_t)nb * bb,
+                                 ci->cache.blocks + (size_t)ss->blocks[full] * bb,
                                  bb, ci->stream)))
             return err_setf(ERR_CUDA, "cuda backend: fork copy: %s", kern_last_error());
     }
-    const size_t sb = sizeof(float) * ci->cache.slot_floats;
-    if ((rc = kern_d2d_async(ci->cache.state + (size_t)dst * ci->cache.slot_floats,
-                             ci->cache.state + (size_t)src * ci->cache.slot_floats, sb, ci->stream)))
+    const size_t sb = ci->cache.slot_bytes;
+    if ((rc =
+             kern_d2d_async(ci->cache.state + (size_t)dst * sb, ci->cache.state + (size_t)src * sb,
+                            sb, ci->stream)))
         return err_setf(ERR_CUDA, "cuda backend: fork copy: %s", kern_last_error());
     sd->pos = ss->pos;
     return 0;
@@ -945,6 +1366,13 @@ static void cuda_destroy(struct backend *bk)
         kern_free(ci->cmem);
         kern_free(ci->smem);
         kern_free(ci->logits_d);
+        kern_free(ci->logits_split);
+        kern_host_free(ci->out_h);
+        kern_host_free(ci->tok_h);
+        kern_free(ci->tok_d);
+        graphs_clear(ci);
+        kern_blas_free(ci->blas);
+        kern_free(ci->blas_ws);
         kern_free(ci->meta_d);
         kern_host_free(ci->meta_h);
         kern_stream_free(ci->stream);
@@ -956,12 +1384,54 @@ static void cuda_destroy(struct backend *bk)
 static const struct backend_ops cuda_ops = {cuda_step, cuda_slot_reset, cuda_slot_fork,
                                             cuda_blocks_free, cuda_destroy};
 
-int backend_cuda_new(struct backend **out, struct dsv4_model *m, int n_slots, int n_blocks)
+void backend_cuda_opts_defaults(struct backend_cuda_opts *o)
+{
+    const char *e = getenv("DSV4_CUDA_EXACT");
+    memset(o, 0, sizeof *o);
+    o->n_slots = 1;
+    o->max_step_tokens = 256;
+    o->max_model_len = 4096;
+    o->mem_util = 0.9;
+    o->exact = e && *e && strcmp(e, "0");
+}
+
+#define GIB(x) ((double)(x) / (1 << 30))
+
+/* Widest input of any linear and widest output of one whose activations are split (hi + lo);
+ * with model numerics only the FP32-activation linears split (see lin_grouped). */
+static void lin_widths(struct cuda_impl *ci)
+{
+    const struct dsv4_config *c = &ci->m->cfg;
+    const int H = c->n_heads, hd = c->head_dim, go = c->o_groups * c->o_lora_rank;
+    int mc = c->hidden_size, sr = c->hidden_size;
+#define MAXI(a, b) ((a) = (b) > (a) ? (b) : (a))
+    MAXI(mc, c->q_lora_rank);
+    MAXI(mc, H * hd);
+    MAXI(mc, go);
+    MAXI(mc, c->moe_inter);
+    MAXI(sr, go);
+    MAXI(sr, 2 * hd);
+    MAXI(sr, 2 * c->index_head_dim);
+    MAXI(sr, c->index_n_heads);
+    if (!ci->quant) {
+        MAXI(sr, H * hd);
+        MAXI(sr, c->index_n_heads * c->index_head_dim);
+        MAXI(sr, c->q_lora_rank);
+        MAXI(sr, c->moe_inter);
+    }
+#undef MAXI
+    ci->max_cols = mc;
+    ci->split_rows = sr;
+}
+
+int backend_cuda_new_opts(struct backend **out, struct dsv4_model *m,
+                          const struct backend_cuda_opts *o)
 {
     const struct dsv4_config *c = &m->cfg;
+    const int n_slots = o->n_slots;
     struct backend *bk = calloc(1, sizeof *bk);
     struct cuda_impl *ci = calloc(1, sizeof *ci);
-    int rc;
+    int rc, n_blocks;
     if (!bk || !ci) {
         free(bk);
         free(ci);
@@ -970,14 +1440,28 @@ int backend_cuda_new(struct backend **out, struct dsv4_model *m, int n_slots, in
     bk->ops = &cuda_ops;
     bk->impl = ci;
     bk->n_slots = n_slots;
-    bk->n_blocks = n_blocks;
     bk->vocab_size = c->vocab_size;
     bk->eos_token_id = c->eos_token_id;
+    bk->device_greedy = 1;
     ci->m = m;
     ci->quant = m->numerics == DSV4_NUMERICS_MODEL;
-    ci->nvfp4 = nvfp4_usable(m);
-    if (n_slots < 1 || n_blocks < 0) {
-        rc = err_setf(ERR_INVAL, "cuda backend: %d slots, %d blocks", n_slots, n_blocks);
+    ci->exact = o->exact;
+    ci->progress = o->progress;
+    ci->prof = getenv("DSV4_CUDA_PROFILE") != NULL;
+    {
+        const char *g = getenv("DSV4_CUDA_GRAPHS");
+        ci->graphs = !ci->prof && !(g && !strcmp(g, "0"));
+    }
+    ci->nvfp4 = !ci->exact && nvfp4_usable(m);
+    ci->fp8_kv = !ci->exact && ci->quant && c->rope_dim < c->head_dim &&
+                 (c->head_dim - c->rope_dim) % 64 == 0 && c->index_head_dim % 32 == 0;
+    lin_widths(ci);
+    if (n_slots < 1 || o->n_blocks < 0 || o->max_step_tokens < 1 || !(o->mem_util > 0) ||
+        o->mem_util > 1) {
+        rc = err_setf(ERR_INVAL,
+                      "cuda backend: %d slots, %d blocks, %d step tokens, memory "
+                      "fraction %g",
+                      n_slots, o->n_blocks, o->max_step_tokens, o->mem_util);
         goto fail;
     }
     if (kern_device_count() < 1) {
@@ -986,24 +1470,77 @@ int backend_cuda_new(struct backend **out, struct dsv4_model *m, int n_slots, in
     }
     ci->layers = calloc((size_t)c->n_layers, sizeof *ci->layers);
     ci->slots = calloc((size_t)n_slots, sizeof *ci->slots);
+    if (!ci->layers || !ci->slots) {
+        rc = err_setf(ERR_NOMEM, "cuda backend: out of memory");
+        goto fail;
+    }
+    if ((rc = kern_stream_new(&ci->stream))) {
+        rc = err_setf(ERR_CUDA, "cuda backend: cannot create a stream: %s", kern_last_error());
+        goto fail;
+    }
+
+    /* sizes first: weights (pass 0 of the uploader), fixed state, scratch for the largest
+     * step, logits rows; then the cache blocks that fit the memory budget */
+    struct uploader u = {0, NULL, 0, 0};
+    if ((rc = upload_weights(ci, &u)))
+        goto fail;
+    ci->wbytes = u.off;
+    size_t slot_b, block_b;
+    cache_layout(ci, &slot_b, &block_b);
+    const size_t V = (size_t)c->vocab_size, F = sizeof(float);
+    const int ld0 = o->max_model_len / 4 + 1;
+    const size_t scratch = scratch_layout(ci, o->max_step_tokens, ld0, NULL, NULL);
+    const size_t logits = F * V * (size_t)n_slots * (ci->exact ? 1 : 3); /* + pinned host copy */
+    const size_t blas_ws = ci->exact ? 0 : (size_t)32 << 20;
+    /* one spare slot and block beyond those counted: the padding rows of graph steps */
+    const size_t state = slot_b * (size_t)(n_slots + 1);
+    const size_t margin = (size_t)512 << 20; /* context growth, cuBLAS, graphs, batch buffers */
+    const size_t fixed = ci->wbytes + state + scratch + logits + blas_ws + margin;
+    size_t free_b = 0, total_b = 0;
+    if ((rc = kern_mem_info(&free_b, &total_b))) {
+        rc = err_setf(ERR_CUDA, "cuda backend: cannot query device memory: %s", kern_last_error());
+        goto fail;
+    }
+    const double budget = o->mem_util * (double)total_b - (double)(total_b - free_b);
+    if ((double)fixed + (double)block_b * (n_slots + 1) > budget) {
+        rc = err_setf(ERR_NOMEM,
+                      "cuda backend: the model does not fit: it needs %.2f GiB (weights %.2f, "
+                      "per-sequence state %.2f for %d sequences, step scratch %.2f for %d tokens, "
+                      "logits %.2f, reserve %.2f) plus %.1f MiB per cache block, but %.2f GiB may "
+                      "be used (%.2f of %.2f GiB with --gpu-memory-utilization %.2f; %.2f GiB "
+                      "already in use)",
+                      GIB(fixed), GIB(ci->wbytes), GIB(state), n_slots, GIB(scratch),
+                      o->max_step_tokens, GIB(logits), GIB(margin + blas_ws),
+                      (double)block_b / (1 << 20), budget > 0 ? GIB(budget) : 0.0,
+                      o->mem_util * GIB(total_b), GIB(total_b), o->mem_util, GIB(total_b - free_b));
+        goto fail;
+    }
+    {
+        double fit = (budget - (double)fixed) / (double)block_b - 1;
+        long want = o->n_blocks ? o->n_blocks : (long)fit;
+        if (o->exact_blocks && want > fit) {
+            rc = err_setf(ERR_NOMEM,
+                          "cuda backend: %ld cache blocks of %.1f MiB do not fit: "
+                          "%.0f fit beside %.2f GiB of weights and buffers",
+                          want, (double)block_b / (1 << 20), fit, GIB(fixed));
+            goto fail;
+        }
+        n_blocks = (int)(want < fit ? want : fit);
+        if (n_blocks > (1 << 30))
+            n_blocks = 1 << 30;
+    }
+    bk->n_blocks = n_blocks;
     ci->refs = calloc((size_t)(n_blocks ? n_blocks : 1), sizeof *ci->refs);
     ci->free_list = malloc(sizeof *ci->free_list * (size_t)(n_blocks ? n_blocks : 1));
-    if (!ci->layers || !ci->slots || !ci->refs || !ci->free_list) {
+    if (!ci->refs || !ci->free_list) {
         rc = err_setf(ERR_NOMEM, "cuda backend: out of memory");
         goto fail;
     }
     for (int i = 0; i < n_blocks; i++)
         ci->free_list[i] = n_blocks - 1 - i; /* pop gives block 0 first */
     ci->n_free = n_blocks;
-    if ((rc = kern_stream_new(&ci->stream))) {
-        rc = err_setf(ERR_CUDA, "cuda backend: cannot create a stream: %s", kern_last_error());
-        goto fail;
-    }
-    /* weights: size, allocate once, upload */
-    struct uploader u = {0, NULL, 0, 0};
-    if ((rc = upload_weights(ci, &u)))
-        goto fail;
-    ci->wbytes = u.off;
+
+    /* weights: allocate once, upload */
     if ((rc = kern_malloc(&ci->wmem, ci->wbytes))) {
         rc = err_setf(ERR_CUDA, "cuda backend: cannot allocate %zu bytes for the weights: %s",
                       ci->wbytes, kern_last_error());
@@ -1016,46 +1553,62 @@ int backend_cuda_new(struct backend **out, struct dsv4_model *m, int n_slots, in
         rc = err_setf(rc, "cuda backend: MoE kernel setup failed: %s", kern_last_error());
         goto fail;
     }
-    if (ci->nvfp4 && getenv("DSV4_CUDA_VERBOSE"))
+    if (ci->nvfp4 && (o->progress || getenv("DSV4_CUDA_VERBOSE")))
         fprintf(stderr,
                 "cuda backend: experts MXFP4 -> NVFP4: %ld matrices, %ld exact, %ld inexact "
                 "(worst rel err %.3g, span %d binades)\n",
                 ci->rep.n_mats, ci->rep.n_exact, ci->rep.n_inexact, ci->rep.worst_rel,
                 ci->rep.worst_span);
+    if (!ci->exact && ((rc = kern_malloc(&ci->blas_ws, blas_ws)) ||
+                       (rc = kern_blas_new(&ci->blas, ci->stream, ci->blas_ws, blas_ws)))) {
+        rc = err_setf(ERR_CUDA, "cuda backend: cannot set up cuBLAS: %s", kern_last_error());
+        goto fail;
+    }
     /* cache pool: slot states, then blocks */
-    size_t slot_floats, block_floats;
-    cache_layout(ci, &slot_floats, &block_floats);
-    ci->cbytes = sizeof(float) * (slot_floats * (size_t)n_slots + block_floats * (size_t)n_blocks);
+    ci->cbytes = state + block_b * (size_t)(n_blocks + 1);
     if ((rc = kern_malloc(&ci->cmem, ci->cbytes))) {
         rc = err_setf(ERR_CUDA, "cuda backend: cannot allocate %zu bytes for the cache pool: %s",
                       ci->cbytes, kern_last_error());
         goto fail;
     }
     ci->cache.state = ci->cmem;
-    ci->cache.slot_floats = slot_floats;
-    ci->cache.blocks = (float *)ci->cmem + slot_floats * (size_t)n_slots;
-    ci->cache.block_floats = block_floats;
-    bk->block_bytes = sizeof(float) * block_floats;
-    bk->state_bytes = sizeof(float) * slot_floats;
+    ci->cache.slot_bytes = slot_b;
+    ci->cache.blocks = (char *)ci->cmem + state;
+    ci->cache.block_bytes = block_b;
+    bk->block_bytes = block_b;
+    bk->state_bytes = slot_b;
     if ((rc = kern_memset(ci->cmem, 0, ci->cbytes))) {
         rc = err_setf(ERR_CUDA, "cuda backend: cannot clear the cache pool: %s", kern_last_error());
         goto fail;
     }
-    for (int i = 0; i < n_slots; i++)
+    for (int i = 0; i <= n_slots; i++)
         if ((rc = slot_clear_state(ci, i)))
             goto fail;
-    if ((rc = kern_malloc((void **)&ci->logits_d,
-                          sizeof(float) * (size_t)n_slots * (size_t)c->vocab_size))) {
+    if ((rc = kern_malloc((void **)&ci->logits_d, F * (size_t)n_slots * V)) ||
+        (!ci->exact &&
+         (rc = kern_malloc((void **)&ci->logits_split, 2 * F * (size_t)n_slots * V))) ||
+        (rc = kern_host_alloc((void **)&ci->out_h, F * (size_t)n_slots * V)) ||
+        (rc = kern_host_alloc((void **)&ci->tok_h, sizeof(int32_t) * (size_t)n_slots)) ||
+        (rc = kern_malloc((void **)&ci->tok_d, sizeof(int32_t) * (size_t)n_slots))) {
         rc = err_setf(ERR_CUDA, "cuda backend: cannot allocate the logits rows: %s",
                       kern_last_error());
         goto fail;
     }
-    if ((rc = scratch_reserve(ci, 256, 64)))
+    if ((rc = scratch_reserve(ci, o->max_step_tokens, ld0)) ||
+        (rc = meta_reserve(ci, (size_t)8 * n_slots +
+                                   (size_t)n_slots * dsv4_kv_blocks_for(o->max_model_len) + 1)))
         goto fail;
     if ((rc = kern_stream_sync(ci->stream))) {
         rc = err_setf(ERR_CUDA, "cuda backend: setup failed: %s", kern_last_error());
         goto fail;
     }
+    if (o->progress)
+        fprintf(stderr,
+                "cuda backend: %s linears; weights %.2f GiB, cache pool %.2f GiB (%d blocks of "
+                "%.2f MiB + %d sequence states of %.2f MiB), scratch %.2f GiB\n",
+                ci->exact ? "exact" : "tensor-core", GIB(ci->wbytes), GIB(ci->cbytes), n_blocks,
+                (double)block_b / (1 << 20), n_slots, (double)slot_b / (1 << 20),
+                GIB(ci->smem_bytes));
     *out = bk;
     return 0;
 fail:

@@ -88,6 +88,7 @@ struct engine {
     int n_free_slots;
     uint64_t admit_counter;
     float *logits;             /* (max_num_seqs, V) */
+    int32_t *greedy;           /* (max_num_seqs) tokens picked by a device_greedy backend */
     float *raw;                /* (V) copy for logprobs */
     void *work;
     struct backend_seq *batch;
@@ -760,6 +761,21 @@ static int blocks_available(struct engine *e)
     return left;
 }
 
+/*
+ * Can the backend pick this sequence's next token itself? Plain greedy decoding: temperature 0
+ * and nothing that needs the logits row (bias, penalties, logprobs, or a prefill that n > 1
+ * choices fork from).
+ */
+static int greedy_on_device(const struct engine *e, const struct seq *s)
+{
+    const struct engine_params *p = &s->req->p;
+    const struct engine_sampling *sp = &p->sampling;
+    return e->be->device_greedy && sp->temperature <= 0.0f && sp->n_logit_bias == 0 &&
+           sp->presence_penalty == 0 && sp->frequency_penalty == 0 &&
+           (sp->repetition_penalty <= 0 || sp->repetition_penalty == 1.0f) && p->logprobs < 0 &&
+           !(p->n > 1 && s->choice == 0 && s->generated == 0);
+}
+
 static int step(struct engine *e)
 {
     const int V = e->be->vocab_size;
@@ -811,8 +827,9 @@ static int step(struct engine *e)
         struct seq *s = e->running[i];
         if (!s->scheduled)
             continue;
-        e->batch[nb] = (struct backend_seq){s->slot, s->tokens + s->n_computed, s->scheduled,
-                                            s->n_computed + s->scheduled == s->n_tokens};
+        int want = s->n_computed + s->scheduled == s->n_tokens;
+        e->batch[nb] = (struct backend_seq){s->slot, s->tokens + s->n_computed, s->scheduled, want,
+                                            want && greedy_on_device(e, s) ? &e->greedy[nb] : NULL};
         e->batch_seq[nb++] = s;
     }
     atomic_store(&e->st_running, e->n_running);
@@ -842,6 +859,11 @@ static int step(struct engine *e)
             continue;
         const float *lrow = e->logits + (size_t)row++ * V;
         struct engine_req *r = s->req;
+        if (e->batch[i].greedy_out) { /* the backend took the argmax: no logits row */
+            (void)sampler_uniform(&s->rng); /* one draw per token, as sampler_sample */
+            accept_token(e, s, e->greedy[i], 0, 0, NULL);
+            continue;
+        }
         if (s->choice == 0 && s->generated == 0)
             for (int k = 1; k < r->p.n; k++) { /* fork the prefill into the other choices */
                 struct seq *sib = &r->seqs[k];
@@ -940,11 +962,13 @@ int engine_new_with_backend(struct engine **out, struct backend *be, const struc
     e->running = calloc((size_t)c->max_num_seqs, sizeof *e->running);
     e->free_slots = malloc(sizeof *e->free_slots * (size_t)c->max_num_seqs);
     e->logits = malloc(sizeof(float) * (size_t)V * (size_t)c->max_num_seqs);
+    e->greedy = malloc(sizeof *e->greedy * (size_t)c->max_num_seqs);
     e->raw = malloc(sizeof(float) * (size_t)V);
     e->work = malloc(sampler_work_bytes(V));
     e->batch = calloc((size_t)c->max_num_seqs, sizeof *e->batch);
     e->batch_seq = calloc((size_t)c->max_num_seqs, sizeof *e->batch_seq);
-    if (!e->running || !e->free_slots || !e->logits || !e->raw || !e->work || !e->batch ||
+    if (!e->running || !e->free_slots || !e->logits || !e->greedy || !e->raw || !e->work ||
+        !e->batch ||
         !e->batch_seq) {
         engine_free(e);
         return err_setf(ERR_NOMEM, "engine: out of memory");
@@ -1022,6 +1046,7 @@ void engine_free(struct engine *e)
     free(e->waiting);
     free(e->free_slots);
     free(e->logits);
+    free(e->greedy);
     free(e->raw);
     free(e->work);
     free(e->batch);

@@ -903,13 +903,22 @@ static json_t *st_entry_json(const struct st_wslot *w)
     return e;
 }
 
+/* Byte size of a tensor that st_layout accepted (its shape is valid). */
+static uint64_t st_layout_nbytes(const struct st_write_tensor *x)
+{
+    uint64_t nb = 0;
+    st_shape_nbytes(x->ndim, x->shape, st_dtypes[x->dtype].size, &nb);
+    return nb;
+}
+
 /*
  * Contract: see safetensors.h. meta_kv holds 2 * n_meta strings: key0, value0, key1, ...
- * Names must be unique, non-empty, valid UTF-8 and not "__metadata__". On success *out is
- * malloc'd (caller frees) and *out_len is its size; on failure nothing is allocated.
+ * Names must be unique, non-empty, valid UTF-8 and not "__metadata__". On success *hdr is
+ * malloc'd (caller frees), *hdr_len its size and offs[i] the file offset of t[i]'s data; on
+ * failure nothing is allocated. Data pointers are not read.
  */
-int st_serialize(const struct st_write_tensor *t, int n, const char *const *meta_kv, int n_meta,
-                 uint8_t **out, size_t *out_len)
+int st_layout(const struct st_write_tensor *t, int n, const char *const *meta_kv, int n_meta,
+              uint8_t **hdr_out, size_t *hdr_len, uint64_t *offs, uint64_t *total)
 {
     struct st_wslot *ws = NULL;
     struct st_wslot **place = NULL;
@@ -918,30 +927,26 @@ int st_serialize(const struct st_write_tensor *t, int n, const char *const *meta
     uint8_t *img = NULL;
     int rc = 0;
 
-    if (!out || !out_len || n < 0 || (n > 0 && !t) || n_meta < 0 || (n_meta > 0 && !meta_kv))
-        return err_setf(ERR_INVAL, "st_serialize: invalid argument");
+    if (!hdr_out || !hdr_len || !total || n < 0 || (n > 0 && (!t || !offs)) || n_meta < 0 ||
+        (n_meta > 0 && !meta_kv))
+        return err_setf(ERR_INVAL, "st_layout: invalid argument");
     ws = calloc((size_t)n + 1, sizeof *ws);
     place = calloc((size_t)n + 1, sizeof *place);
     root = json_object();
     if (!ws || !place || !root) {
-        rc = err_setf(ERR_NOMEM, "st_serialize: out of memory");
+        rc = err_setf(ERR_NOMEM, "st_layout: out of memory");
         goto done;
     }
     for (int i = 0; i < n; i++) {
         const struct st_write_tensor *x = &t[i];
         if (!x->name || !x->name[0] || strcmp(x->name, ST_META_KEY) == 0) {
-            rc = err_setf(ERR_INVAL, "st_serialize: tensor %d: missing or reserved name", i);
+            rc = err_setf(ERR_INVAL, "st_layout: tensor %d: missing or reserved name", i);
             goto done;
         }
         if ((unsigned)x->dtype >= ST_DTYPE_COUNT || x->ndim < 0 || x->ndim > ST_MAX_DIMS ||
             st_shape_nbytes(x->ndim, x->shape, st_dtypes[x->dtype].size, &ws[i].nbytes) != 0) {
-            rc = err_setf(ERR_INVAL, "st_serialize: tensor %.*s: invalid dtype or shape",
+            rc = err_setf(ERR_INVAL, "st_layout: tensor %.*s: invalid dtype or shape",
                           ST_NAME_MAX_MSG, x->name);
-            goto done;
-        }
-        if (ws[i].nbytes > 0 && !x->data) {
-            rc =
-                err_setf(ERR_INVAL, "st_serialize: tensor %.*s: no data", ST_NAME_MAX_MSG, x->name);
             goto done;
         }
         ws[i].t = x;
@@ -950,7 +955,7 @@ int st_serialize(const struct st_write_tensor *t, int n, const char *const *meta
         qsort(ws, (size_t)n, sizeof *ws, st_wslot_name_cmp);
     for (int i = 0; i < n; i++) {
         if (i > 0 && strcmp(ws[i].t->name, ws[i - 1].t->name) == 0) {
-            rc = err_setf(ERR_INVAL, "st_serialize: tensor %.*s: duplicate name", ST_NAME_MAX_MSG,
+            rc = err_setf(ERR_INVAL, "st_layout: tensor %.*s: duplicate name", ST_NAME_MAX_MSG,
                           ws[i].t->name);
             goto done;
         }
@@ -962,7 +967,7 @@ int st_serialize(const struct st_write_tensor *t, int n, const char *const *meta
     for (int i = 0; i < n; i++) {
         place[i]->begin = dlen;
         if (place[i]->nbytes > (uint64_t)INT64_MAX - dlen) {
-            rc = err_setf(ERR_INVAL, "st_serialize: total size overflows");
+            rc = err_setf(ERR_INVAL, "st_layout: total size overflows");
             goto done;
         }
         dlen += place[i]->nbytes;
@@ -971,46 +976,45 @@ int st_serialize(const struct st_write_tensor *t, int n, const char *const *meta
     if (n_meta > 0) {
         meta = json_object();
         if (!meta) {
-            rc = err_setf(ERR_NOMEM, "st_serialize: out of memory");
+            rc = err_setf(ERR_NOMEM, "st_layout: out of memory");
             goto done;
         }
         for (int i = 0; i < n_meta; i++) {
             const char *k = meta_kv[2 * i], *v = meta_kv[2 * i + 1];
             if (!k || !v || json_object_set_new(meta, k, json_string(v)) != 0) {
-                rc = err_setf(ERR_INVAL, "st_serialize: metadata pair %d is not valid UTF-8", i);
+                rc = err_setf(ERR_INVAL, "st_layout: metadata pair %d is not valid UTF-8", i);
                 goto done;
             }
         }
         rc = json_object_set_new(root, ST_META_KEY, meta);
         meta = NULL;
         if (rc != 0) {
-            rc = err_setf(ERR_NOMEM, "st_serialize: out of memory");
+            rc = err_setf(ERR_NOMEM, "st_layout: out of memory");
             goto done;
         }
     }
     for (int i = 0; i < n; i++) {
         json_t *e = st_entry_json(&ws[i]);
         if (!e || json_object_set_new(root, ws[i].t->name, e) != 0) {
-            rc = err_setf(ERR_INVAL, "st_serialize: tensor %.*s: name is not valid UTF-8",
+            rc = err_setf(ERR_INVAL, "st_layout: tensor %.*s: name is not valid UTF-8",
                           ST_NAME_MAX_MSG, ws[i].t->name);
             goto done;
         }
     }
     hdr = json_dumps(root, JSON_COMPACT);
     if (!hdr) {
-        rc = err_setf(ERR_NOMEM, "st_serialize: out of memory");
+        rc = err_setf(ERR_NOMEM, "st_layout: out of memory");
         goto done;
     }
     size_t hlen = strlen(hdr);
     size_t padded = (hlen + 7) & ~(size_t)7;
     if (dlen > SIZE_MAX - 8 - padded) {
-        rc = err_setf(ERR_INVAL, "st_serialize: image too large");
+        rc = err_setf(ERR_INVAL, "st_layout: image too large");
         goto done;
     }
-    size_t total = 8 + padded + (size_t)dlen;
-    img = malloc(total);
+    img = malloc(8 + padded);
     if (!img) {
-        rc = err_setf(ERR_NOMEM, "st_serialize: out of memory for %zu bytes", total);
+        rc = err_setf(ERR_NOMEM, "st_layout: out of memory");
         goto done;
     }
     for (int i = 0; i < 8; i++)
@@ -1018,10 +1022,10 @@ int st_serialize(const struct st_write_tensor *t, int n, const char *const *meta
     memcpy(img + 8, hdr, hlen);
     memset(img + 8 + hlen, ' ', padded - hlen);
     for (int i = 0; i < n; i++)
-        if (ws[i].nbytes)
-            memcpy(img + 8 + padded + ws[i].begin, ws[i].t->data, (size_t)ws[i].nbytes);
-    *out = img;
-    *out_len = total;
+        offs[ws[i].t - t] = 8 + padded + ws[i].begin;
+    *hdr_out = img;
+    *hdr_len = 8 + padded;
+    *total = 8 + padded + dlen;
     img = NULL;
 done:
     free(img);
@@ -1030,6 +1034,46 @@ done:
     json_decref(root);
     free(place);
     free(ws);
+    return rc;
+}
+
+/* st_layout, then the data copied into place. */
+int st_serialize(const struct st_write_tensor *t, int n, const char *const *meta_kv, int n_meta,
+                 uint8_t **out, size_t *out_len)
+{
+    uint8_t *hdr = NULL, *img = NULL;
+    uint64_t *offs = NULL, total = 0;
+    size_t hlen = 0;
+    int rc = 0;
+
+    if (!out || !out_len || n < 0 || (n > 0 && !t))
+        return err_setf(ERR_INVAL, "st_serialize: invalid argument");
+    if (!(offs = calloc((size_t)n + 1, sizeof *offs)))
+        return err_setf(ERR_NOMEM, "st_serialize: out of memory");
+    if ((rc = st_layout(t, n, meta_kv, n_meta, &hdr, &hlen, offs, &total)) != 0)
+        goto done;
+    for (int i = 0; i < n; i++)
+        if (!t[i].data && st_layout_nbytes(&t[i]) > 0) {
+            rc = err_setf(ERR_INVAL, "st_serialize: tensor %.*s: no data", ST_NAME_MAX_MSG,
+                          t[i].name);
+            goto done;
+        }
+    if (total > SIZE_MAX || !(img = malloc((size_t)total))) {
+        rc = err_setf(ERR_NOMEM, "st_serialize: out of memory for %llu bytes",
+                      (unsigned long long)total);
+        goto done;
+    }
+    memcpy(img, hdr, hlen);
+    for (int i = 0; i < n; i++)
+        if (t[i].data)
+            memcpy(img + offs[i], t[i].data, (size_t)st_layout_nbytes(&t[i]));
+    *out = img;
+    *out_len = (size_t)total;
+    img = NULL;
+done:
+    free(img);
+    free(hdr);
+    free(offs);
     return rc;
 }
 

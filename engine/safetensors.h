@@ -37,13 +37,13 @@ enum st_dtype {
 };
 
 struct st_tensor {
-    const char *name;  /* owned by the set */
+    const char *name; /* owned by the set */
     enum st_dtype dtype;
     int ndim;
     int64_t shape[ST_MAX_DIMS];
-    const void *data;  /* borrowed view into the mmap (or memory buffer) */
+    const void *data; /* borrowed view into the mmap (or memory buffer) */
     size_t nbytes;
-    const char *file;  /* path (or label) of the file holding it; owned by the set */
+    const char *file; /* path (or label) of the file holding it; owned by the set */
 };
 
 struct st_set;
@@ -111,6 +111,16 @@ struct st_write_tensor {
 };
 int st_serialize(const struct st_write_tensor *t, int n, const char *const *meta_kv, int n_meta,
                  uint8_t **out, size_t *out_len);
+
+/*
+ * The layout st_serialize gives, without the data (for writers that stream tensors too large to
+ * hold at once): *hdr (malloc'd, caller frees) is the file's first *hdr_len bytes (length + padded
+ * JSON header), offs[i] (caller's array of n) the file offset of t[i]'s data, *total the file
+ * size. The data section has no gaps: the offsets and sizes tile [*hdr_len, *total). t[i].data is
+ * not read.
+ */
+int st_layout(const struct st_write_tensor *t, int n, const char *const *meta_kv, int n_meta,
+              uint8_t **hdr, size_t *hdr_len, uint64_t *offs, uint64_t *total);
 
 /* Write a safetensors file (st_serialize + atomic write via a temporary and rename). */
 int st_write_file(const char *path, const struct st_write_tensor *t, int n);

@@ -52,14 +52,16 @@ int dsv4_schedule_build(struct dsv4_schedule *s, const struct dsv4_config *cfg)
                                 dsv4_attn_name(l->attn));
             continue;
         }
+        /* any number of layers is accepted: a truncated model follows a prefix of the pattern */
         enum dsv4_attn want = expected_attn(s->variant, i);
         if (l->attn != want)
-            return err_setf(ERR_CONFIG,
-                            "schedule: layer %d is %s in compress_ratios but the %s pattern puts %s "
-                            "there (a wrong schedule is silent garbage; refusing)",
-                            i, dsv4_attn_name(l->attn),
-                            s->variant == DSV4_VARIANT_FLASH ? "Flash" : "Pro",
-                            dsv4_attn_name(want));
+            return err_setf(
+                ERR_CONFIG,
+                "schedule: layer %d is %s in compress_ratios but the %s pattern (%s, "
+                "then csa, hca alternating; any number of layers of it) puts %s there "
+                "(a wrong schedule is silent garbage; refusing)",
+                i, dsv4_attn_name(l->attn), s->variant == DSV4_VARIANT_FLASH ? "Flash" : "Pro",
+                s->variant == DSV4_VARIANT_FLASH ? "swa swa" : "hca hca", dsv4_attn_name(want));
     }
     return 0;
 }

@@ -36,7 +36,8 @@ struct dsv4_schedule {
 /*
  * Build and validate. The variant is read from compress_ratios[0] (0: Flash, 128: Pro); the
  * rest must follow that variant's pattern (layers 0-1 special, then CSA/HCA alternating from
- * CSA at layer 2) or ERR_CONFIG names the first layer that disagrees.
+ * CSA at layer 2) or ERR_CONFIG names the first layer that disagrees. Any number of main layers
+ * is valid (a truncated model, e.g. `export-tiny --shape flash --layers 8`, is a prefix).
  */
 int dsv4_schedule_build(struct dsv4_schedule *s, const struct dsv4_config *cfg);
 

@@ -27,6 +27,7 @@ extern "C" {
 #endif
 
 struct CUstream_st; /* cudaStream_t without the CUDA headers */
+struct kern_blas;   /* a cuBLAS handle bound to a stream and a workspace (linear_fast.cu) */
 
 /* ---- weight layouts read by the MoE kernels (packed once at load, on the host) ----
  *
@@ -128,7 +129,7 @@ size_t kern_moe_workspace_bytes(const struct kern_moe_layer *L, int T_max);
 /*
  * Router: logits = x . gate_w^T in FP32, s = sqrt(softplus(logits)); hash layers take the K
  * ids from tid2eid[tokens[t]] (token id < 0 or >= vocab: a padding row, ids -1), dense layers
- * the top-K of s + bias (ties to the lower id); w = s[id] / sum s[ids] * route_scale, applied
+ * the top-K of s + bias (ties to the lower id; tokens may be NULL, else id < 0 is padding); w = s[id] / sum s[ids] * route_scale, applied
  * exactly once. x (T, d) FP32 (device); tokens (T) (device; hash layers only, else NULL);
  * idx (T, K) int32, w (T, K) FP32 (device, written). ws: the workspace.
  */
@@ -146,6 +147,30 @@ int kern_moe_experts(const struct kern_moe_layer *L, const float *x, const int32
 /* Route + experts. tokens as for kern_moe_route. */
 int kern_moe_forward(const struct kern_moe_layer *L, const float *x, const int32_t *tokens, int T,
                      float *out, void *ws, size_t ws_bytes, struct CUstream_st *stream);
+
+/* ---- dense FP8 linears through the same GEMM (the GPU engine's fast path) ---- */
+
+/* A matrix packed by kern_fp8_pack (device pointers; rows r0.. of a packed matrix, r0 % 16 == 0,
+ * are themselves one: data + kern_fp8_data_bytes(r0, cols), fac + kern_fp8_factor_count(r0,
+ * cols)). rows % 128 == 0, cols % 256 == 0. */
+struct kern_fp8_mat {
+    int rows, cols;
+    const uint8_t *data;
+    const uint16_t *fac;
+    float alpha;
+};
+/* 1 when kern_gemm_fp8 runs its wgmma path for these shapes: then xb must hold each row in the
+ * permuted order of kern_act_bf16(perm = 1). */
+int kern_gemm_fp8_perm(int rows, int groups, int T);
+/*
+ * For each group g < groups (one launch): y[g*y_goff + t*ldy + r] = sum_c W_g[r][c]
+ * xb[g*x_goff + t*ldx + c] (FP32 sums, exact products), t < T, r < W->rows, where W_g is rows
+ * [g*rows, (g+1)*rows) of the packed matrix W points into (W->rows = rows per group). xb BF16
+ * (device), ldx and x_goff multiples of 8. ERR_UNSUPPORTED on shapes outside the limits above.
+ */
+int kern_gemm_fp8(const struct kern_fp8_mat *W, int groups, const uint16_t *xb, int ldx,
+                  size_t x_goff, int T, float *y, int ldy, size_t y_goff,
+                  struct CUstream_st *stream);
 
 /* ---- thin runtime helpers, so C code needs no CUDA headers (kernels/cuda/runtime.cu) ---- */
 
@@ -196,27 +221,50 @@ struct kern_batch {
     const int32_t *seq_bt;   /* (nseq) offset of each sequence's block table in bt */
     const int32_t *bt;       /* block ids, DSV4_BLOCK_TOKENS tokens each */
     int max_pos;             /* (host) 1 + the largest position in the batch */
+    int max_n;               /* (host) the longest chunk (0: up to T) */
 };
 
-/* The cache pool: per-slot fixed state and compressed-entry blocks (FP32 in this version). */
+/* The cache pool: per-slot fixed state and compressed-entry blocks (byte addressed). */
 struct kern_cache {
-    float *state; /* (n_slots, slot_floats) */
-    size_t slot_floats;
-    float *blocks; /* (n_blocks, block_floats) */
-    size_t block_floats;
+    char *state; /* (n_slots + 1, slot_bytes) */
+    size_t slot_bytes;
+    char *blocks; /* (n_blocks + 1, block_bytes) */
+    size_t block_bytes;
 };
 
-/* Where one layer's parts live, in floats from the start of a slot / a block. */
+/*
+ * Where one layer's parts live, in bytes from the start of a slot / a block, and the format of
+ * its KV entries (the window ring and the compressed entries) and indexer keys:
+ *   FP32 (fp8 == 0): hd (Di) floats;
+ *   FP8 (fp8 == 1; the fast path in model numerics, whose values are already FP8/FP4-rounded
+ *   with power-of-two block scales, so the encoding is exact except for the RoPE dims):
+ *   KV entry = [hd - rope E4M3 codes][one UE8M0 scale per 64 of them, padded to 8 bytes]
+ *   [rope dims BF16] (512 dims, rope 64: 448 + 8 + 128 = 584 bytes); indexer key =
+ *   [Di E4M3 codes][one UE8M0 scale per 32] (128 dims: 132 bytes).
+ */
 struct kern_layer_cache {
-    size_t win;                /* window ring (W, hd), slot = pos % W */
-    size_t comp_kv, comp_sc;   /* compressor state (coff*ratio, coff*hd) x 2 */
-    size_t icomp_kv, icomp_sc; /* indexer compressor state (CSA) (coff*ratio, coff*Di) x 2 */
-    size_t blk, blk_i;         /* entries (128/ratio, hd) and indexer keys (128/ratio, Di) */
+    size_t win;                /* window ring (W entries), entry = pos % W */
+    size_t comp_kv, comp_sc;   /* compressor state (coff*ratio, coff*hd) floats x 2 */
+    size_t icomp_kv, icomp_sc; /* indexer compressor state (CSA) (coff*ratio, coff*Di) floats x 2 */
+    size_t blk, blk_i;         /* entries (128/ratio) and indexer keys (128/ratio) */
+    size_t ent, ient;          /* bytes of one KV entry and of one indexer key */
     int ratio;                 /* 0 (SWA), 4 (CSA), 128 (HCA) */
+    int fp8;                   /* entry and key format (above) */
+    int rope;                  /* RoPE dims at the end of a KV entry */
 };
+/* Bytes of one KV entry / indexer key in the FP8 formats above. */
+static inline size_t kern_kv_fp8_bytes(int hd, int rope)
+{
+    return (size_t)(hd - rope) + (size_t)(((hd - rope) / 64 + 7) & ~7) + 2 * (size_t)rope;
+}
+static inline size_t kern_ikey_fp8_bytes(int Di)
+{
+    return (size_t)Di + (size_t)(Di / 32);
+}
 
 /* -- dense.cu -- */
-/* X (T, n_hc, d) = embedding rows of tokens, repeated into the n_hc streams. E: (host) struct. */
+/* X (T, n_hc, d) = embedding rows of tokens, repeated into the n_hc streams (token id < 0: a
+ * padding row, zeros; the routers give padding rows no expert). E: (host) struct. */
 int kern_embed(const struct kern_qmat *E, const int32_t *tokens, int T, int n_hc, float *X,
                struct CUstream_st *stream);
 /* hc_pre + RMSNorm(norm_w) per row: X (T, n_hc, d) -> x (T, d), post (T, n_hc),
@@ -283,6 +331,15 @@ int kern_sink_attention(const struct kern_batch *b, const struct kern_cache *c,
                         const struct kern_layer_cache *l, const float *q, const float *kv,
                         const int32_t *sel, int topk, const float *sinks, int H, int hd, int W,
                         int rope_dim, const float *inv_freq, float *o, struct CUstream_st *stream);
+/* The same on the fast path (attention_fast.cu): heads share each staged key, online softmax,
+ * short steps split the keys over blocks (ws: kern_attention_fast_ws_floats(H, hd) floats, or
+ * NULL: no split); FP32 summation order differs. hd % 128 == 0, hd <= 512. */
+size_t kern_attention_fast_ws_floats(int H, int hd);
+int kern_sink_attention_fast(const struct kern_batch *b, const struct kern_cache *c,
+                             const struct kern_layer_cache *l, const float *q, const float *kv,
+                             const int32_t *sel, int topk, const float *sinks, int H, int hd,
+                             int W, int rope_dim, const float *inv_freq, float *o, float *ws,
+                             struct CUstream_st *stream);
 /* Write the last min(n, W) latents of each chunk into its slot's window ring. */
 int kern_window_write(const struct kern_batch *b, const struct kern_cache *c,
                       const struct kern_layer_cache *l, const float *kv, int hd, int W,
@@ -316,14 +373,55 @@ int kern_indexer_topk(const struct kern_batch *b, const struct kern_cache *c,
                       int Di, int topk, float *scores, int ld_scores, int32_t *sel,
                       struct CUstream_st *stream);
 
+/* The same selection with the scores computed warp-parallel (indexer_fast.cu, the fast path;
+ * FP32 summation order differs; scores are skipped when all valid keys are selected). */
+int kern_indexer_topk_fast(const struct kern_batch *b, const struct kern_cache *c,
+                           const struct kern_layer_cache *l, const float *qi, const float *wi,
+                           int Hi, int Di, int topk, float *scores, int ld_scores, int32_t *sel,
+                           struct CUstream_st *stream);
+
 /* -- moe_ref.cu -- */
 /*
  * The router of cpu_route over FP32 gate logits (T, E): hash layers (tid2eid (vocab, K) int32,
- * tokens (T)) or dense top-K of sqrt(softplus) + bias (E). idx, w (T, K).
+ * tokens (T)) or dense top-K of sqrt(softplus) + bias (E). idx, w (T, K); rows whose token id is
+ * < 0 (tokens may be NULL in dense layers) are padding: ids -1, weights 0.
  */
 int kern_route_exact(const float *logits, int T, int E, int K, const float *bias,
                      const int32_t *tid2eid, const int32_t *tokens, float route_scale, int32_t *idx,
                      float *w, struct CUstream_st *stream);
+
+/* -- linear_fast.cu: activations for the tensor-core linears, BF16 GEMMs (cuBLAS) -- */
+/*
+ * xb (T or 2T, C) BF16 from x (T, C) with row stride ldx: rows [0, T) = bf16(x); with split also
+ * rows [T, 2T) = bf16(x - bf16(x)). perm: each 64-element chunk in the order kern_gemm_fp8's
+ * wgmma path reads (C % 64 == 0).
+ */
+int kern_act_bf16(const float *x, int ldx, int T, int C, int split, int perm, uint16_t *xb,
+                  struct CUstream_st *stream);
+/* y[t*ldy + j] = a[t*n + j] + a[(T+t)*n + j] for t < T, j < n (the hi + lo halves). */
+int kern_add_split(const float *a, int T, int n, float *y, int ldy, struct CUstream_st *stream);
+/* -- mhc_fast.cu: kern_hc_pre / kern_hc_head of the fast path: the projection as a
+ * deterministic split-K over many blocks, block-wide reductions (FP32 rounding differs from
+ * the exact kernels, not between row counts). ws: kern_hc_fast_ws_floats(T, n_hc) floats;
+ * gather_ws: (nsel, n*d) floats. -- */
+size_t kern_hc_fast_ws_floats(int T, int n_hc);
+int kern_hc_pre_fast(const float *X, int T, int n_hc, int d, const float *fn, const float *base,
+                     const float *scale, int iters, float hc_eps, float norm_eps,
+                     const float *norm_w, float *ws, float *x, float *post, float *comb,
+                     struct CUstream_st *stream);
+int kern_hc_head_fast(const float *X, const int32_t *rows, int nsel, int n_hc, int d,
+                      const float *fn, const float *base, const float *scale, float hc_eps,
+                      float norm_eps, const float *norm_w, float *gather_ws, float *ws, float *y,
+                      struct CUstream_st *stream);
+/* out[i] = argmax of logits row i (n rows of V), the lowest id among equal maxima (as the host
+ * sampler's greedy argmax: a strict > scan). */
+int kern_argmax_rows(const float *logits, int n, int V, int32_t *out, struct CUstream_st *stream);
+/* ws: device workspace (ws_bytes, e.g. 32 MiB) owned by the caller, or NULL for cuBLAS's own. */
+int kern_blas_new(struct kern_blas **out, struct CUstream_st *stream, void *ws, size_t ws_bytes);
+void kern_blas_free(struct kern_blas *b); /* NULL-safe */
+/* y[t*ldy + r] = sum_c W[r][c] xb[t*ldx + c], W (rows, cols) BF16, FP32 sums (cuBLAS). */
+int kern_blas_gemm_bf16(struct kern_blas *b, const uint16_t *W, int rows, int cols,
+                        const uint16_t *xb, int ldx, int T, float *y, int ldy);
 
 /* -- engine_rt.cu: streams, pinned host memory, asynchronous copies -- */
 int kern_stream_new(struct CUstream_st **out);
@@ -335,6 +433,12 @@ int kern_h2d_async(void *dst, const void *src, size_t n, struct CUstream_st *s);
 int kern_d2h_async(void *dst, const void *src, size_t n, struct CUstream_st *s);
 int kern_d2d_async(void *dst, const void *src, size_t n, struct CUstream_st *s);
 int kern_mem_info(size_t *free_bytes, size_t *total_bytes);
+/* Capture what is enqueued on s between begin and end into an instantiated graph (*exec,
+ * owned by the caller: kern_graph_free); replay it with kern_graph_launch. */
+int kern_graph_begin(struct CUstream_st *s);
+int kern_graph_end(struct CUstream_st *s, void **exec);
+int kern_graph_launch(void *exec, struct CUstream_st *s);
+void kern_graph_free(void *exec); /* NULL-safe */
 /* The runtime's last error string (cudaGetLastError; clears a non-sticky error). */
 const char *kern_rt_error(void);
 

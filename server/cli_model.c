@@ -2,16 +2,23 @@
  * cli_model.c - the model subcommands: schedule,
  * export-tiny, generate. Each returns the exit status.
  */
+#include <errno.h>
 #include <getopt.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "engine/config.h"
 #include "engine/err.h"
 #include "engine/model.h"
 #include "engine/schedule.h"
 #include "engine/tiny.h"
+#include "engine/tokenizer.h"
 #include "server/cli.h"
 
 /* Load only the config of MODEL (a directory or builtin:...). */
@@ -59,32 +66,137 @@ int cli_schedule(int argc, char **argv)
     return 0;
 }
 
+static double cli_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static int cli_threads(void)
+{
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+static const char export_usage[] =
+    "usage: dsv4d export-tiny DIR [--variant flash|pro] [--seed S] [--tokenizer PATH]\n"
+    "       dsv4d export-tiny DIR --shape flash --layers N [--experts E] [--seed S]\n"
+    "                         [--tokenizer PATH]\n"
+    "Write a random DSV4 checkpoint as a directory in the official Hugging Face layout\n"
+    "(config.json, model-NNNNN-of-NNNNN.safetensors shards, model.safetensors.index.json;\n"
+    "FP8 linears, MXFP4 experts, BF16/F32 vectors, I64 tid2eid).\n"
+    "  --shape tiny       (default) the built-in tiny model of --variant (default flash):\n"
+    "                     the same bytes builtin:tiny-<variant> loads\n"
+    "  --shape flash      the real DeepSeek-V4-Flash widths (d 4096, 64 heads x 512, 256\n"
+    "                     experts of 2048, vocab 129280, ...) with N main layers + the MTP layer\n"
+    "  --layers N         flash: main layers, 1..43, the released schedule truncated\n"
+    "                     (swa swa csa hca csa ...; hash routing in layers 0-2)\n"
+    "  --experts E        flash: routed experts per layer, 6..256 (default 256)\n"
+    "  --seed S           seed of the random weights (default 0x44535634, the built-in one);\n"
+    "                     the output depends on the seed only, not on the thread count\n"
+    "  --tokenizer PATH   copy this tokenizer.json into DIR (serve --model DIR finds it)\n"
+    "Size: 2.1 GB + 3.6 GB per layer at 256 experts (the MTP layer counts as one; 8 layers:\n"
+    "34.3 GB). Threads: OMP_NUM_THREADS.\n";
+
+/* Parse an integer option in [lo, hi] into *out; 0 or ERR_INVAL naming the option. */
+static int parse_long(const char *opt, const char *s, long long lo, long long hi, long long *out)
+{
+    char *end = NULL;
+    errno = 0;
+    long long v = strtoll(s, &end, 0);
+    if (errno || end == s || *end || v < lo || v > hi)
+        return err_setf(ERR_INVAL, "%s \"%s\": must be an integer in [%lld, %lld]", opt, s, lo, hi);
+    *out = v;
+    return 0;
+}
+
 int cli_export_tiny(int argc, char **argv)
 {
     static const struct option opts[] = {
-        {"variant", required_argument, NULL, 'v'}, {"help", no_argument, NULL, 'h'}, {0, 0, 0, 0}};
+        {"variant", required_argument, NULL, 'v'}, {"shape", required_argument, NULL, 's'},
+        {"layers", required_argument, NULL, 'l'},  {"experts", required_argument, NULL, 'e'},
+        {"seed", required_argument, NULL, 'S'},    {"tokenizer", required_argument, NULL, 't'},
+        {"help", no_argument, NULL, 'h'},          {0, 0, 0, 0}};
     enum dsv4_variant v = DSV4_VARIANT_FLASH;
-    int o;
+    const char *shape = "tiny", *tokenizer = NULL, *variant = NULL;
+    long long layers = 0, experts = 256, seed = (long long)DSV4_SYNTH_SEED;
+    int o, rc = 0, have_layers = 0, have_experts = 0;
     optind = 1;
     while ((o = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
-        if (o == 'v' && dsv4_variant_parse(optarg, &v) == 0)
-            continue;
-        if (o == 'v')
+        switch (o) {
+        case 'v':
+            variant = optarg;
+            rc = dsv4_variant_parse(optarg, &v);
+            break;
+        case 's':
+            shape = optarg;
+            break;
+        case 'l':
+            rc = parse_long("--layers", optarg, 1, DSV4_FLASH_LAYERS, &layers);
+            have_layers = 1;
+            break;
+        case 'e':
+            rc = parse_long("--experts", optarg, 6, 256, &experts);
+            have_experts = 1;
+            break;
+        case 'S':
+            rc = parse_long("--seed", optarg, 0, LLONG_MAX, &seed);
+            break;
+        case 't':
+            tokenizer = optarg;
+            break;
+        case 'h':
+            fputs(export_usage, stdout);
+            return 0;
+        default:
+            fputs(export_usage, stderr);
+            return 2;
+        }
+        if (rc) {
             fprintf(stderr, "dsv4d export-tiny: %s\n", err_msg());
-        FILE *f = o == 'h' ? stdout : stderr;
-        fprintf(f, "usage: dsv4d export-tiny DIR [--variant flash|pro]\n"
-                   "Write the built-in tiny model as a checkpoint directory in the official\n"
-                   "Hugging Face layout (config.json, sharded safetensors + index).\n");
-        return o == 'h' ? 0 : 2;
+            return 2;
+        }
     }
-    if (optind != argc - 1) {
-        fprintf(stderr, "usage: dsv4d export-tiny DIR [--variant flash|pro]\n");
+    const int flash = !strcmp(shape, "flash");
+    const char *bad = optind != argc - 1                ? "exactly one DIR is required"
+                      : strcmp(shape, "tiny") && !flash ? "--shape must be tiny or flash"
+                      : flash && !have_layers           ? "--shape flash needs --layers N (1..43)"
+                      : flash && variant                ? "--variant applies to --shape tiny only"
+                      : !flash && (have_layers || have_experts)
+                          ? "--layers and --experts apply to --shape flash only"
+                          : NULL;
+    if (bad) {
+        fprintf(stderr, "dsv4d export-tiny: %s (see --help)\n", bad);
         return 2;
     }
-    if (dsv4_tiny_export(argv[optind], v)) {
+    struct dsv4_config c;
+    struct tokenizer *tok = NULL;
+    uint64_t bytes = 0;
+    const char *dir = argv[optind];
+    double t0 = cli_now();
+    if (flash)
+        rc = dsv4_flash_config(&c, (int)layers, (int)experts);
+    else
+        dsv4_tiny_config(&c, v);
+    /* a tokenizer that does not load is refused before minutes of generation, not after */
+    if (!rc && tokenizer) {
+        if ((rc = tok_load(tokenizer, &tok)))
+            err_prefix(rc, "--tokenizer");
+        tok_free(tok);
+    }
+    if (!rc)
+        rc = dsv4_synth_export(dir, &c, (uint64_t)seed, tokenizer, &bytes);
+    if (rc) {
         fprintf(stderr, "dsv4d export-tiny: %s\n", err_msg());
         return 1;
     }
+    double dt = cli_now() - t0;
+    fprintf(stderr, "dsv4d export-tiny: wrote %s: %.2f GB in %.1f s (%.0f MB/s, %d threads)\n", dir,
+            (double)bytes / 1e9, dt, (double)bytes / 1e6 / (dt > 0 ? dt : 1e-9), cli_threads());
     return 0;
 }
 

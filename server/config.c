@@ -62,6 +62,8 @@ static const struct opt opts[] = {
      "comma-separated allowed origins, or * (default: no CORS headers)"},
     {"log-level", OPT_LEVEL, F(log_level), 0, 0, 0, "debug|info|warning|error (info)"},
     {"device", OPT_STR, F(device), S(device), 0, 0, "cpu|cuda (cpu)"},
+    {"gpu-memory-utilization", OPT_DOUBLE, F(gpu_memory_utilization), 0, 0.05, 1,
+     "--device cuda: fraction of the GPU's memory for weights, buffers and KV cache (0.9)"},
     {"default-thinking", OPT_THINKING, F(default_thinking), 0, 0, 0,
      "chat reasoning when a request does not say: enabled|disabled (enabled, as DeepSeek's API)"},
     {"max-connections", OPT_INT, F(max_connections), 0, 16, 1 << 20,
@@ -89,6 +91,7 @@ static void defaults(struct srv_config *c)
     c->default_thinking = 1;
     c->max_connections = 4096;
     c->heartbeat = 1.0;
+    c->gpu_memory_utilization = 0.9;
 }
 
 static void usage(FILE *f)

@@ -31,6 +31,7 @@ struct srv_config {
     char cors_origins[1024];      /* --cors-origins: comma list or "*"; "" = no CORS */
     enum log_level log_level;     /* --log-level debug|info|warning|error */
     char device[16];              /* --device cpu|cuda */
+    double gpu_memory_utilization; /* --gpu-memory-utilization: device memory fraction (0.9) */
     int default_thinking;         /* --default-thinking enabled|disabled (DeepSeek: enabled) */
     int max_connections;          /* --max-connections: sockets MHD accepts at once */
     double heartbeat;             /* --heartbeat seconds between disconnect checks / pings */

@@ -22,6 +22,7 @@
 #include "engine/err.h"
 #ifdef DSV4_HAVE_CUDA
 #include "engine/backend_cuda.h"
+#include "engine/kvcache.h"
 #endif
 #include "server/cli.h"
 #include "server/log.h"
@@ -133,8 +134,20 @@ static void load_run(uv_work_t *w)
     if (!strcmp(s->cfg.device, "cuda")) {
 #ifdef DSV4_HAVE_CUDA
         struct backend *be;
-        if ((rc = engine_config_resolve(&ec, s->model)) < 0 ||
-            (rc = backend_cuda_new(&be, s->model, ec.max_num_seqs, ec.n_blocks)) < 0 ||
+        struct backend_cuda_opts bo;
+        backend_cuda_opts_defaults(&bo);
+        bo.n_slots = ec.max_num_seqs;
+        /* the cache pool takes what the memory budget leaves, up to every sequence at full
+         * length */
+        long want = (long)ec.max_num_seqs * dsv4_kv_blocks_for(ec.max_model_len);
+        bo.n_blocks = want < (1L << 30) ? (int)want : 1 << 30;
+        bo.max_step_tokens = ec.max_step_tokens;
+        bo.max_model_len = ec.max_model_len;
+        bo.mem_util = s->cfg.gpu_memory_utilization;
+        bo.progress = 1;
+        LOG_I("loading the weights onto the GPU (--gpu-memory-utilization %.2f%s)",
+              bo.mem_util, bo.exact ? ", exact kernels: DSV4_CUDA_EXACT" : "");
+        if ((rc = backend_cuda_new_opts(&be, s->model, &bo)) < 0 ||
             (rc = engine_new_with_backend(&s->engine, be, s->tok, &ec)) < 0)
             goto fail;
 #endif

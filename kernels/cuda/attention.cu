@@ -8,33 +8,11 @@
  * compressed entries (CSA: the indexer's selection, ascending; HCA: all valid entries). Logits
  * are 8-lane dots; softmax and the value sum run over keys in order, one thread per channel.
  */
+#include "kernels/cuda/attention.cuh"
 #include "kernels/cuda/exact.cuh"
-
-#include "engine/kvcache.h"
+#include "kernels/cuda/kvfmt.cuh"
 
 #define ATT_THREADS 256
-
-struct att_row {
-    int s, slot, row0, p0, nwin, ncomp;
-    long pos, lo;
-};
-
-__device__ __forceinline__ const float *
-att_key(const struct kern_batch &b, const struct kern_cache &c, const struct kern_layer_cache &l,
-        const struct att_row &a, const float *kv, const int32_t *sel_t, int hd, int W, int j)
-{
-    if (j < a.nwin) {
-        long p = a.lo + j;
-        if (p >= a.p0)
-            return kv + (size_t)(a.row0 + (p - a.p0)) * hd;
-        return c.state + (size_t)a.slot * c.slot_floats + l.win + (size_t)(p % W) * hd;
-    }
-    long i = l.ratio == 4 ? sel_t[j - a.nwin] : j - a.nwin;
-    long tok = i * l.ratio;
-    int blk = b.bt[b.seq_bt[a.s] + tok / DSV4_BLOCK_TOKENS];
-    return c.blocks + (size_t)blk * c.block_floats + l.blk +
-           (size_t)((tok % DSV4_BLOCK_TOKENS) / l.ratio) * hd;
-}
 
 __global__ void sink_attn_k(struct kern_batch b, struct kern_cache c, struct kern_layer_cache l,
                             const float *q, const float *kv, const int32_t *sel, int topk,
@@ -44,16 +22,7 @@ __global__ void sink_attn_k(struct kern_batch b, struct kern_cache c, struct ker
     extern __shared__ __align__(16) float sm[];
     __shared__ float s_mx, s_inv;
     const int t = blockIdx.x / H, h = blockIdx.x % H;
-    struct att_row a;
-    a.s = b.row_seq[t];
-    a.pos = b.row_pos[t];
-    a.row0 = b.seq_row0[a.s];
-    a.p0 = b.row_pos[a.row0];
-    a.slot = b.seq_slot[a.s];
-    a.lo = a.pos - W + 1 < 0 ? 0 : a.pos - W + 1;
-    a.nwin = (int)(a.pos - a.lo + 1);
-    int nvalid = l.ratio ? (int)((a.pos + 1) / l.ratio) : 0;
-    a.ncomp = l.ratio == 4 ? (nvalid < topk ? nvalid : topk) : nvalid;
+    const struct att_row a = att_row_of(b, l, t, W, topk);
     const int nk = a.nwin + a.ncomp;
     const int32_t *sel_t = sel ? sel + (size_t)t * topk : NULL;
     float *qs = sm;                                              /* (hd) query, later the output */
@@ -62,8 +31,10 @@ __global__ void sink_attn_k(struct kern_batch b, struct kern_cache c, struct ker
 
     for (int i = threadIdx.x; i < hd; i += blockDim.x)
         qs[i] = q[((size_t)t * H + h) * hd + i];
-    for (int j = threadIdx.x; j < nk; j += blockDim.x)
-        kp[j] = att_key(b, c, l, a, kv, sel_t, hd, W, j);
+    for (int j = threadIdx.x; j < nk; j += blockDim.x) { /* FP32 cache (l.fp8 == 0) */
+        int fresh;
+        kp[j] = (const float *)att_key(b, c, l, a, kv, hd, W, sel_t, j, &fresh);
+    }
     __syncthreads();
     const float scale = 1.0f / sqrtf((float)hd);
     const int g = threadIdx.x >> 3, lane = threadIdx.x & 7, ng = blockDim.x >> 3;
@@ -113,8 +84,8 @@ extern "C" int kern_sink_attention(const struct kern_batch *b, const struct kern
 {
     if (b->T <= 0)
         return 0;
-    if (l->ratio == 4 && !sel)
-        return ERR_INVAL;
+    if ((l->ratio == 4 && !sel) || l->fp8)
+        return ERR_INVAL; /* the exact kernel reads FP32 entries */
     int max_comp = l->ratio == 4 ? topk : (l->ratio ? b->max_pos / l->ratio : 0);
     int nk = W + max_comp;
     size_t smem =
@@ -140,9 +111,13 @@ __global__ void window_write_k(struct kern_batch b, struct kern_cache c, struct 
     if (i < n - W)
         return; /* overwritten later in this chunk */
     const long pos = b.row_pos[t];
-    float *dst = c.state + (size_t)b.seq_slot[s] * c.slot_floats + l.win + (size_t)(pos % W) * hd;
+    char *dst = c.state + (size_t)b.seq_slot[s] * c.slot_bytes + l.win + (size_t)(pos % W) * l.ent;
+    if (l.fp8) {
+        kvf_put_entry(kv + (size_t)t * hd, hd, l.rope, (uint8_t *)dst);
+        return;
+    }
     for (int k = threadIdx.x; k < hd; k += blockDim.x)
-        dst[k] = kv[(size_t)t * hd + k];
+        ((float *)dst)[k] = kv[(size_t)t * hd + k];
 }
 
 extern "C" int kern_window_write(const struct kern_batch *b, const struct kern_cache *c,

@@ -5,79 +5,155 @@
  * softmax over the candidates, FP32), RMS-normalised, rotated at position entry*ratio, rounded
  * (model numerics) and written to the entry's place in the sequence's blocks.
  *
- * One block per sequence walks its chunk's tokens in order (the state is a recurrence); threads
- * split the columns.
+ * The recurrence is only in the state, so a chunk runs in parallel: one block per entry the
+ * chunk completes reads its candidate rows from the chunk's projections or, for positions before
+ * the chunk, from the state as the step found it (comp_fetch); a second kernel then writes the
+ * state the chunk leaves (per column, read all, then write). Each entry's arithmetic is the
+ * CPU's, in its order, so results are bit-identical to the token-by-token recurrence.
+ *
+ * State rows (per layer, (coff*ratio, coff*D) values and scores with the positional bias):
+ * overlapping (CSA): rows [ratio, 2 ratio) the incomplete group by position % ratio, rows
+ * [0, ratio) the group before it (reset values before the first one); otherwise rows
+ * [0, ratio) the incomplete group.
  */
 #include "kernels/cuda/exact.cuh"
+#include "kernels/cuda/kvfmt.cuh"
 
 #include "engine/kvcache.h"
 
 #define COMP_THREADS 256
 
-__global__ void compress_k(struct kern_batch b, struct kern_cache c, struct kern_layer_cache l,
-                           const float *a, const float *z, const float *ape, const float *norm,
-                           int D, int overlap, int indexer, int rope_dim, const float *inv_freq,
-                           float eps, int quant)
+struct comp_seq {
+    const float *a, *z, *ape; /* chunk projections (T, cols), bias (ratio, cols) */
+    const float *kvs, *scs;   /* the slot's state as the step found it */
+    long p0;                  /* first position of the chunk */
+    int row0, n, ratio, cols, overlap;
+};
+
+/* Value and score of column col of the token at position tp (tp < 0: before the sequence). */
+__device__ __forceinline__ void comp_fetch(const struct comp_seq &q, long tp, int col, float *kv,
+                                           float *sc)
+{
+    if (tp >= q.p0) {
+        size_t t = (size_t)(q.row0 + (tp - q.p0)) * q.cols + col;
+        *kv = q.a[t];
+        *sc = q.z[t] + q.ape[(size_t)(tp % q.ratio) * q.cols + col];
+        return;
+    }
+    const long g0 = q.p0 / q.ratio; /* the group incomplete when the step started */
+    int m = (int)(((tp % q.ratio) + q.ratio) % q.ratio);
+    int row = (q.overlap && tp >= g0 * q.ratio) ? q.ratio + m : m;
+    *kv = q.kvs[(size_t)row * q.cols + col];
+    *sc = q.scs[(size_t)row * q.cols + col];
+}
+
+__device__ __forceinline__ struct comp_seq
+comp_seq_of(const struct kern_batch &b, const struct kern_cache &c,
+            const struct kern_layer_cache &l, int s, const float *a, const float *z,
+            const float *ape, int D, int overlap, int indexer)
+{
+    struct comp_seq q;
+    const char *slot = c.state + (size_t)b.seq_slot[s] * c.slot_bytes;
+    q.a = a;
+    q.z = z;
+    q.ape = ape;
+    q.kvs = (const float *)(slot + (indexer ? l.icomp_kv : l.comp_kv));
+    q.scs = (const float *)(slot + (indexer ? l.icomp_sc : l.comp_sc));
+    q.row0 = b.seq_row0[s];
+    q.n = b.seq_n[s];
+    q.p0 = b.row_pos[q.row0];
+    q.ratio = l.ratio;
+    q.overlap = overlap;
+    q.cols = (overlap ? 2 : 1) * D;
+    return q;
+}
+
+/* grid (entries, nseq): entry p0/ratio + blockIdx.x of sequence blockIdx.y, if this chunk
+ * completes it */
+__global__ void compress_entries_k(struct kern_batch b, struct kern_cache c,
+                                   struct kern_layer_cache l, const float *a, const float *z,
+                                   const float *ape, const float *norm, int D, int overlap,
+                                   int indexer, int rope_dim, const float *inv_freq, float eps,
+                                   int quant)
 {
     extern __shared__ __align__(16) float e[]; /* (D) the pooled entry */
     __shared__ float red, scales[128];
-    const int s = blockIdx.x, ratio = l.ratio;
-    const int row0 = b.seq_row0[s], n = b.seq_n[s];
-    const long p0 = b.row_pos[row0];
-    const int coff = overlap ? 2 : 1, cols = coff * D, nrows = coff * ratio;
-    float *slot = c.state + (size_t)b.seq_slot[s] * c.slot_floats;
-    float *kvs = slot + (indexer ? l.icomp_kv : l.comp_kv); /* (nrows, cols) */
-    float *scs = slot + (indexer ? l.icomp_sc : l.comp_sc); /* (nrows, cols) */
-    for (int i = 0; i < n; i++) {
-        const long pos = p0 + i;
-        const int t = row0 + i, row = (int)(pos % ratio) + (overlap ? ratio : 0);
-        const float *ap = ape + (size_t)(pos % ratio) * cols;
-        for (int k = threadIdx.x; k < cols; k += blockDim.x) {
-            kvs[(size_t)row * cols + k] = a[(size_t)t * cols + k];
-            scs[(size_t)row * cols + k] = z[(size_t)t * cols + k] + ap[k];
+    const int s = blockIdx.y;
+    const struct comp_seq q = comp_seq_of(b, c, l, s, a, z, ape, D, overlap, indexer);
+    const int ratio = q.ratio, nrows = (overlap ? 2 : 1) * ratio;
+    const long idx = q.p0 / ratio + blockIdx.x;
+    if ((idx + 1) * ratio > q.p0 + q.n)
+        return; /* not completed in this chunk */
+    /* candidate row r: the group before (overlap, r < ratio, first half of the columns) or the
+     * entry's own group (second half when overlapping) */
+    for (int ch = threadIdx.x; ch < D; ch += blockDim.x) {
+        float mx = -INFINITY, kv, sc;
+        for (int r = 0; r < nrows; r++) {
+            long tp = overlap ? (idx - 1) * ratio + r : idx * ratio + r;
+            comp_fetch(q, tp, (overlap && r >= ratio) ? D + ch : ch, &kv, &sc);
+            mx = fmaxf(mx, sc);
         }
-        __syncthreads();
-        if ((pos + 1) % ratio != 0)
+        float den = 0, num = 0;
+        for (int r = 0; r < nrows; r++) {
+            long tp = overlap ? (idx - 1) * ratio + r : idx * ratio + r;
+            comp_fetch(q, tp, (overlap && r >= ratio) ? D + ch : ch, &kv, &sc);
+            float p = ex_expf(sc - mx);
+            den += p;
+            num += p * kv;
+        }
+        e[ch] = num / den;
+    }
+    ex_block_rmsnorm(e, norm, D, eps, &red);
+    ex_block_rope(e + D - rope_dim, rope_dim, inv_freq, idx * ratio, 0);
+    if (quant) {
+        if (indexer) {
+            ex_block_hadamard(e, D);
+            ex_block_rt(e, D, 32, 1, scales);
+        } else {
+            ex_block_rt(e, D - rope_dim, 64, 0, scales);
+        }
+    }
+    const long tok = idx * ratio;
+    const int blk = b.bt[b.seq_bt[s] + tok / DSV4_BLOCK_TOKENS];
+    char *dst = c.blocks + (size_t)blk * c.block_bytes + (indexer ? l.blk_i : l.blk) +
+                (size_t)((tok % DSV4_BLOCK_TOKENS) / ratio) * (indexer ? l.ient : l.ent);
+    if (l.fp8) { /* exact: the values are on the FP8 (FP4) grid already (kvfmt.cuh) */
+        if (indexer)
+            kvf_put_blocks(e, D, 32, (uint8_t *)dst, (uint8_t *)dst + D);
+        else
+            kvf_put_entry(e, D, rope_dim, (uint8_t *)dst);
+        return;
+    }
+    for (int k = threadIdx.x; k < D; k += blockDim.x)
+        ((float *)dst)[k] = e[k];
+}
+
+/* The state after the chunk, one sequence per block, one column per thread. */
+__global__ void compress_state_k(struct kern_batch b, struct kern_cache c,
+                                 struct kern_layer_cache l, const float *a, const float *z,
+                                 const float *ape, int D, int overlap, int indexer)
+{
+    const int s = blockIdx.x;
+    const struct comp_seq q = comp_seq_of(b, c, l, s, a, z, ape, D, overlap, indexer);
+    const int ratio = q.ratio;
+    const long last = q.p0 + q.n - 1, gn = (last + 1) / ratio; /* the group now incomplete */
+    float *kvs = (float *)q.kvs, *scs = (float *)q.scs;
+    for (int k = threadIdx.x; k < q.cols; k += blockDim.x) {
+        if (!overlap) { /* rows stay where they are: write the chunk's rows of group gn */
+            for (long tp = q.p0 > gn * ratio ? q.p0 : gn * ratio; tp <= last; tp++)
+                comp_fetch(q, tp, k, &kvs[(size_t)(tp % ratio) * q.cols + k],
+                           &scs[(size_t)(tp % ratio) * q.cols + k]);
             continue;
-        for (int ch = threadIdx.x; ch < D; ch += blockDim.x) {
-            float mx = -INFINITY;
-            for (int r = 0; r < nrows; r++) {
-                int col = (overlap && r >= ratio) ? D + ch : ch;
-                mx = fmaxf(mx, scs[(size_t)r * cols + col]);
-            }
-            float den = 0, num = 0;
-            for (int r = 0; r < nrows; r++) {
-                int col = (overlap && r >= ratio) ? D + ch : ch;
-                float p = ex_expf(scs[(size_t)r * cols + col] - mx);
-                den += p;
-                num += p * kvs[(size_t)r * cols + col];
-            }
-            e[ch] = num / den;
         }
-        ex_block_rmsnorm(e, norm, D, eps, &red);
-        const long idx = pos / ratio;
-        ex_block_rope(e + D - rope_dim, rope_dim, inv_freq, idx * ratio, 0);
-        if (quant) {
-            if (indexer) {
-                ex_block_hadamard(e, D);
-                ex_block_rt(e, D, 32, 1, scales);
-            } else {
-                ex_block_rt(e, D - rope_dim, 64, 0, scales);
-            }
+        float kv[8], sc[8]; /* overlap: ratio 4, rows (gn-1)*4.. and gn*4.. up to `last` */
+        for (int r = 0; r < 2 * ratio && r < 8; r++)
+            comp_fetch(q, (gn - 1) * ratio + r, k, &kv[r], &sc[r]);
+        for (int r = 0; r < 2 * ratio && r < 8; r++) {
+            if ((gn - 1) * ratio + r > last)
+                break; /* not reached yet: stale, overwritten before use */
+            kvs[(size_t)r * q.cols + k] = kv[r];
+            scs[(size_t)r * q.cols + k] = sc[r];
         }
-        const long tok = idx * ratio;
-        const int blk = b.bt[b.seq_bt[s] + tok / DSV4_BLOCK_TOKENS];
-        float *dst = c.blocks + (size_t)blk * c.block_floats + (indexer ? l.blk_i : l.blk) +
-                     (size_t)((tok % DSV4_BLOCK_TOKENS) / ratio) * D;
-        for (int k = threadIdx.x; k < D; k += blockDim.x)
-            dst[k] = e[k];
-        if (overlap) { /* the current rows become the previous ones */
-            for (int k = threadIdx.x; k < ratio * cols; k += blockDim.x) {
-                kvs[k] = kvs[(size_t)ratio * cols + k];
-                scs[k] = scs[(size_t)ratio * cols + k];
-            }
-        }
-        __syncthreads();
     }
 }
 
@@ -87,12 +163,16 @@ extern "C" int kern_compress(const struct kern_batch *b, const struct kern_cache
                              int rope_dim, const float *inv_freq, float eps, int quant,
                              cudaStream_t st)
 {
-    if (!l->ratio || D > 128 * 32 || (indexer && (D & (D - 1))))
+    if (!l->ratio || D > 128 * 32 || (indexer && (D & (D - 1))) || (overlap && l->ratio > 4))
         return ERR_UNSUPPORTED;
     if (b->nseq <= 0)
         return 0;
-    compress_k<<<b->nseq, COMP_THREADS, sizeof(float) * (size_t)D, st>>>(
+    const int max_n = b->max_n > 0 ? b->max_n : b->T;
+    dim3 grid((unsigned)((max_n + l->ratio - 1) / l->ratio + 1), (unsigned)b->nseq);
+    compress_entries_k<<<grid, COMP_THREADS, sizeof(float) * (size_t)D, st>>>(
         *b, *c, *l, a, z, ape, norm, D, overlap, indexer, rope_dim, inv_freq, eps, quant);
+    EX_LAUNCH_CHECK();
+    compress_state_k<<<b->nseq, COMP_THREADS, 0, st>>>(*b, *c, *l, a, z, ape, D, overlap, indexer);
     EX_LAUNCH_CHECK();
     return 0;
 }
@@ -103,16 +183,16 @@ extern "C" int kern_compressor_reset(const struct kern_cache *c, const struct ke
     if (!l->ratio)
         return 0;
     const int coff = l->ratio == 4 ? 2 : 1;
-    float *base = c->state + (size_t)slot * c->slot_floats;
+    char *base = c->state + (size_t)slot * c->slot_bytes;
     size_t n = (size_t)coff * l->ratio * coff * hd;
     int rc;
-    if ((rc = kern_fill_f32(base + l->comp_kv, n, 0.0f, st)) ||
-        (rc = kern_fill_f32(base + l->comp_sc, n, -INFINITY, st)))
+    if ((rc = kern_fill_f32((float *)(base + l->comp_kv), n, 0.0f, st)) ||
+        (rc = kern_fill_f32((float *)(base + l->comp_sc), n, -INFINITY, st)))
         return rc;
     if (l->ratio == 4) {
         size_t ni = (size_t)coff * l->ratio * coff * Di;
-        if ((rc = kern_fill_f32(base + l->icomp_kv, ni, 0.0f, st)) ||
-            (rc = kern_fill_f32(base + l->icomp_sc, ni, -INFINITY, st)))
+        if ((rc = kern_fill_f32((float *)(base + l->icomp_kv), ni, 0.0f, st)) ||
+            (rc = kern_fill_f32((float *)(base + l->icomp_sc), ni, -INFINITY, st)))
             return rc;
     }
     return 0;

@@ -19,7 +19,7 @@ __global__ void embed_k(struct kern_qmat E, const int32_t *tokens, int n_hc, flo
     const int tok = tokens[t];
     float *Xt = X + (size_t)t * n_hc * d; /* (n_hc, d) */
     for (int c = threadIdx.x; c < d; c += blockDim.x) {
-        float v = ex_w<FMT>(E, tok, c);
+        float v = tok >= 0 ? ex_w<FMT>(E, tok, c) : 0.0f; /* < 0: a padding row */
         for (int i = 0; i < n_hc; i++)
             Xt[(size_t)i * d + c] = v;
     }
@@ -82,46 +82,9 @@ __global__ void hc_pre_k(const float *X, int n, int d, const float *fn, const fl
     const int t = blockIdx.x, nmix = (2 + n) * n;
     const float *Xt = X + (size_t)t * n * d; /* (n, d) */
     hc_mix_block(Xt, n * d, fn, nmix, norm_eps, mix, &red);
-    if (threadIdx.x == 0) { /* gates and Sinkhorn exactly as cpu_hc_pre */
-        float *post = post_out + (size_t)t * n;
-        for (int i = 0; i < n; i++) {
-            pre[i] = ex_sigmoid(mix[i] * scale[0] + base[i]) + hc_eps;
-            post[i] = 2.0f * ex_sigmoid(mix[n + i] * scale[1] + base[n + i]);
-        }
-        for (int j = 0; j < n; j++) {
-            float *row = comb + j * n;
-            float mx = -INFINITY, sum = 0;
-            for (int k = 0; k < n; k++) {
-                row[k] = mix[2 * n + j * n + k] * scale[2] + base[2 * n + j * n + k];
-                mx = fmaxf(mx, row[k]);
-            }
-            for (int k = 0; k < n; k++) {
-                row[k] = ex_expf(row[k] - mx);
-                sum += row[k];
-            }
-            for (int k = 0; k < n; k++)
-                row[k] = row[k] / sum + hc_eps;
-        }
-        for (int it = 0; it < iters; it++) {
-            if (it > 0)
-                for (int j = 0; j < n; j++) {
-                    float s = 0;
-                    for (int k = 0; k < n; k++)
-                        s += comb[j * n + k];
-                    for (int k = 0; k < n; k++)
-                        comb[j * n + k] /= s + hc_eps;
-                }
-            for (int k = 0; k < n; k++) {
-                float s = 0;
-                for (int j = 0; j < n; j++)
-                    s += comb[j * n + k];
-                for (int j = 0; j < n; j++)
-                    comb[j * n + k] /= s + hc_eps;
-            }
-        }
-        for (int i = 0; i < n * n; i++)
-            comb_out[(size_t)t * n * n + i] = comb[i];
-    }
+    if (threadIdx.x == 0)
+        ex_hc_gates(mix, n, base, scale, iters, hc_eps, pre, post_out + (size_t)t * n, comb,
+                    comb_out + (size_t)t * n * n);
     __syncthreads();
     for (int c = threadIdx.x; c < d; c += blockDim.x) {
         float acc = 0;
@@ -152,10 +115,10 @@ extern "C" int kern_hc_pre(const float *X, int T, int n_hc, int d, const float *
 __global__ void hc_post_k(const float *f, const float *R, const float *post, const float *comb,
                           int n, int d, float *Xout)
 {
-    const int t = blockIdx.x;
+    const int t = blockIdx.y;
     const float *ft = f + (size_t)t * d, *Rt = R + (size_t)t * n * d;
     const float *pt = post + (size_t)t * n, *ct = comb + (size_t)t * n * n;
-    for (int i = threadIdx.x; i < n * d; i += blockDim.x) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n * d; i += gridDim.x * blockDim.x) {
         int k = i / d, c = i % d;
         float acc = pt[k] * ft[c];
         for (int j = 0; j < n; j++)
@@ -169,7 +132,10 @@ extern "C" int kern_hc_post(const float *f, const float *R, const float *post, c
 {
     if (T <= 0)
         return 0;
-    hc_post_k<<<T, DENSE_THREADS, 0, st>>>(f, R, post, comb, n_hc, d, Xout);
+    if (T > 65535)
+        return ERR_UNSUPPORTED;
+    unsigned gx = (unsigned)((n_hc * d + DENSE_THREADS * 4 - 1) / (DENSE_THREADS * 4));
+    hc_post_k<<<dim3(gx, (unsigned)T), DENSE_THREADS, 0, st>>>(f, R, post, comb, n_hc, d, Xout);
     EX_LAUNCH_CHECK();
     return 0;
 }

@@ -69,3 +69,38 @@ extern "C" const char *kern_rt_error(void)
 {
     return cudaGetErrorString(cudaGetLastError());
 }
+
+/* ---- CUDA graphs of whole steps ---- */
+
+extern "C" int kern_graph_begin(struct CUstream_st *s)
+{
+    /* relaxed: the launches may call cudaFuncSetAttribute while capturing */
+    return rt_map(cudaStreamBeginCapture(s, cudaStreamCaptureModeRelaxed));
+}
+
+extern "C" int kern_graph_end(struct CUstream_st *s, void **exec)
+{
+    cudaGraph_t g = NULL;
+    cudaGraphExec_t e = NULL;
+    *exec = NULL;
+    int rc = rt_map(cudaStreamEndCapture(s, &g));
+    if (!rc)
+        rc = rt_map(cudaGraphInstantiate(&e, g, 0));
+    if (g)
+        cudaGraphDestroy(g);
+    if (!rc)
+        *exec = e;
+    (void)cudaGetLastError(); /* a failed capture leaves a non-sticky error */
+    return rc;
+}
+
+extern "C" int kern_graph_launch(void *exec, struct CUstream_st *s)
+{
+    return rt_map(cudaGraphLaunch((cudaGraphExec_t)exec, s));
+}
+
+extern "C" void kern_graph_free(void *exec)
+{
+    if (exec)
+        cudaGraphExecDestroy((cudaGraphExec_t)exec);
+}

@@ -221,6 +221,82 @@ __device__ __forceinline__ float ex_sumsq_seq(const float *x, int n)
     return ss;
 }
 
+/*
+ * The mHC gates and the Sinkhorn iterations of cpu_hc_pre from the scaled mix (one thread):
+ * pre (n), post (n), comb (n, n) working copy and comb_out (n, n).
+ */
+__device__ __forceinline__ void ex_hc_gates(const float *mix, int n, const float *base,
+                                            const float *scale, int iters, float hc_eps,
+                                            float *pre, float *post, float *comb, float *comb_out)
+{
+    for (int i = 0; i < n; i++) {
+        pre[i] = ex_sigmoid(mix[i] * scale[0] + base[i]) + hc_eps;
+        post[i] = 2.0f * ex_sigmoid(mix[n + i] * scale[1] + base[n + i]);
+    }
+    for (int j = 0; j < n; j++) {
+        float *row = comb + j * n;
+        float mx = -INFINITY, sum = 0;
+        for (int k = 0; k < n; k++) {
+            row[k] = mix[2 * n + j * n + k] * scale[2] + base[2 * n + j * n + k];
+            mx = fmaxf(mx, row[k]);
+        }
+        for (int k = 0; k < n; k++) {
+            row[k] = ex_expf(row[k] - mx);
+            sum += row[k];
+        }
+        for (int k = 0; k < n; k++)
+            row[k] = row[k] / sum + hc_eps;
+    }
+    for (int it = 0; it < iters; it++) {
+        if (it > 0)
+            for (int j = 0; j < n; j++) {
+                float s = 0;
+                for (int k = 0; k < n; k++)
+                    s += comb[j * n + k];
+                for (int k = 0; k < n; k++)
+                    comb[j * n + k] /= s + hc_eps;
+            }
+        for (int k = 0; k < n; k++) {
+            float s = 0;
+            for (int j = 0; j < n; j++)
+                s += comb[j * n + k];
+            for (int j = 0; j < n; j++)
+                comb[j * n + k] /= s + hc_eps;
+        }
+    }
+    for (int i = 0; i < n * n; i++)
+        comb_out[i] = comb[i];
+}
+
+/*
+ * Block-wide: the indices of the k best of sc (n scores; higher first, ties to the lower index)
+ * in ascending order into sel (k). rank: (n) workspace. Starts and ends with the block in step.
+ */
+__device__ __forceinline__ void ex_topk_select(const float *sc, int *rank, int n, int k,
+                                               int32_t *sel)
+{
+    if (n <= k) { /* all of them */
+        for (int j = threadIdx.x; j < n; j += blockDim.x)
+            sel[j] = j;
+        return;
+    }
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        int r = 0;
+        for (int j2 = 0; j2 < n && r < k; j2++)
+            r += sc[j2] > sc[j] || (sc[j2] == sc[j] && j2 < j);
+        rank[j] = r;
+    }
+    __syncthreads();
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        if (rank[j] >= k)
+            continue;
+        int at = 0;
+        for (int j2 = 0; j2 < j; j2++)
+            at += rank[j2] < k;
+        sel[at] = j;
+    }
+}
+
 /* Rotate pair i of x (interleaved) by pos * inv_freq[i], as cpu_rope. */
 __device__ __forceinline__ void ex_rope_pair(float *x, int i, const float *inv_freq, long pos,
                                              int inverse)

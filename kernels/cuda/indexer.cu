@@ -13,11 +13,6 @@
 
 #define IDX_THREADS 256
 
-__device__ __forceinline__ bool idx_before(const float *sc, int a, int b)
-{
-    return sc[a] > sc[b] || (sc[a] == sc[b] && a < b);
-}
-
 __global__ void indexer_topk_k(struct kern_batch b, struct kern_cache c, struct kern_layer_cache l,
                                const float *qi, const float *wi, int Hi, int Di, int topk,
                                float *scores, int ld, int32_t *sel)
@@ -33,8 +28,8 @@ __global__ void indexer_topk_k(struct kern_batch b, struct kern_cache c, struct 
     for (int j = threadIdx.x; j < nvalid; j += blockDim.x) {
         long tok = (long)j * ratio;
         int blk = b.bt[b.seq_bt[s] + tok / DSV4_BLOCK_TOKENS];
-        const float *key = c.blocks + (size_t)blk * c.block_floats + l.blk_i +
-                           (size_t)((tok % DSV4_BLOCK_TOKENS) / ratio) * Di;
+        const float *key = (const float *)(c.blocks + (size_t)blk * c.block_bytes + l.blk_i +
+                                           (size_t)((tok % DSV4_BLOCK_TOKENS) / ratio) * l.ient);
         float acc = 0;
         for (int h = 0; h < Hi; h++) {
             float dot = ex_dot_seq(q + (size_t)h * Di, key, Di);
@@ -43,21 +38,7 @@ __global__ void indexer_topk_k(struct kern_batch b, struct kern_cache c, struct 
         sc[j] = acc;
     }
     __syncthreads();
-    for (int j = threadIdx.x; j < nvalid; j += blockDim.x) {
-        int r = 0;
-        for (int j2 = 0; j2 < nvalid && r < k; j2++)
-            r += idx_before(sc, j2, j);
-        rank[j] = r;
-    }
-    __syncthreads();
-    for (int j = threadIdx.x; j < nvalid; j += blockDim.x) {
-        if (rank[j] >= k)
-            continue;
-        int at = 0;
-        for (int j2 = 0; j2 < j; j2++)
-            at += rank[j2] < k;
-        sel[(size_t)t * topk + at] = j;
-    }
+    ex_topk_select(sc, rank, nvalid, k, sel + (size_t)t * topk);
 }
 
 extern "C" int kern_indexer_topk(const struct kern_batch *b, const struct kern_cache *c,
@@ -65,7 +46,7 @@ extern "C" int kern_indexer_topk(const struct kern_batch *b, const struct kern_c
                                  int Hi, int Di, int topk, float *scores, int ld_scores,
                                  int32_t *sel, cudaStream_t st)
 {
-    if (l->ratio != 4)
+    if (l->ratio != 4 || l->fp8) /* FP32 keys only */
         return ERR_INVAL;
     if (ld_scores < b->max_pos / l->ratio)
         return ERR_INVAL;

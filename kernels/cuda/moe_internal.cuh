@@ -82,7 +82,7 @@ __device__ __forceinline__ void moe__topk_token(int t, int lane, const float *__
             int e = tid2eid[(size_t)tok * K + lane];
             my_id = (e >= 0 && e < E) ? e : -1;
         }
-    } else {
+    } else if (!tokens || tokens[t] >= 0) { /* token id < 0: a padding row, no expert */
         const int per = E / 32;
         float v[MOE_MAX_EPL];
 #pragma unroll
@@ -125,6 +125,14 @@ __device__ __forceinline__ void moe__topk_token(int t, int lane, const float *__
         idx[(size_t)t * K + lane] = my_id;
         w[(size_t)t * K + lane] = (my_id >= 0 && sum > 0.0f) ? s / sum * route_scale : 0.0f;
     }
+}
+
+/* Position of element i (of a row) in the permuted activation layout */
+__device__ __forceinline__ int perm64(int i)
+{
+    int q = i & 63, w = q >> 1;
+    int c = w >> 3, s = (w >> 1) & 3, h = w & 1;
+    return (i & ~63) | ((8 * s + 4 * h + c) << 1) | (q & 1);
 }
 
 /* Router internals (moe_route.cu). */

@@ -42,12 +42,28 @@ struct gemm_args {
     const float *route_w;         /* routed: (T*K) */
     int topk;
     const __nv_bfloat16 *in; /* GEMM1: x (T, d) by token; GEMM2: h (pos, I) */
+    int ldin;                /* elements between rows of `in` (a multiple of 8) */
+    int ldout;               /* STAGE_DOWN: elements between rows of `yout` */
     int late_wait;           /* shared GEMM1 only: `in` was written two kernels back, so the
                               * whole product runs before the dependency wait */
     __nv_bfloat16 *hout;     /* GEMM1: (pos, I) */
     float *yout;             /* GEMM2: routed (slot, d), shared (t, d) */
     float limit;
+    /* dense linears in groups (blockIdx.z = group g): the operands of group g start at
+     * w + g w_gstride, fac + g fac_gstride, in + g in_goff, yout + g out_goff */
+    size_t w_gstride, fac_gstride, in_goff, out_goff;
 };
+
+/* The operands of group z of a dense launch (a copy; z == 0: unchanged). */
+__device__ __forceinline__ gemm_args group_args(const gemm_args &a, unsigned z)
+{
+    gemm_args g = a;
+    g.w += z * g.w_gstride;
+    g.fac += z * g.fac_gstride;
+    g.in += z * g.in_goff;
+    g.yout += z * g.out_goff;
+    return g;
+}
 
 /* NVFP4 code word (8 nibbles, kernels.h order) + two scale bytes -> one A fragment. */
 __device__ __forceinline__ void dequant_nvfp4(uint32_t q, uint32_t sg, uint32_t sg8,
@@ -155,7 +171,7 @@ __device__ __forceinline__ void gemm_body(const gemm_args &a, int tile, float *r
         for (int n = 0; n < NT; n++) {
             int j = min(n * 8 + g, cnt - 1), pos = start + j;
             int row = (STAGE == STAGE_GATEUP && routed) ? a.sorted[pos] / a.topk : pos;
-            brow[n] = (const uint4 *)(a.in + (size_t)row * K) + 2 * c;
+            brow[n] = (const uint4 *)(a.in + (size_t)row * a.ldin) + 2 * c;
         }
         for (int kq = kq0; kq < kq1; kq++) {
             uint4 n2[4];
@@ -216,7 +232,7 @@ __device__ __forceinline__ void gemm_body(const gemm_args &a, int tile, float *r
         for (int n = 0; n < NT; n++) {
             int j = min(n * 8 + g, cnt - 1), pos = start + j;
             int row = (STAGE == STAGE_GATEUP && routed) ? a.sorted[pos] / a.topk : pos;
-            brow[n] = (const uint4 *)(a.in + (size_t)row * K) + 2 * c;
+            brow[n] = (const uint4 *)(a.in + (size_t)row * a.ldin) + 2 * c;
         }
         for (int kq = kq0; kq < kq1; kq++) {
             uint4 cur[4][2];
@@ -313,8 +329,8 @@ __device__ __forceinline__ void gemm_body(const gemm_args &a, int tile, float *r
                     continue;
                 int pos = start + j;
                 int dst = routed ? a.sorted[pos] : pos;
-                a.yout[(size_t)dst * a.N + o0] = acc[n][h] * al;
-                a.yout[(size_t)dst * a.N + o0 + 8] = acc[n][2 + h] * al;
+                a.yout[(size_t)dst * a.ldout + o0] = acc[n][h] * al;
+                a.yout[(size_t)dst * a.ldout + o0 + 8] = acc[n][2 + h] * al;
             }
     }
 }
@@ -327,7 +343,7 @@ __global__ void __launch_bounds__(RB *KS * 32)
 {
     __shared__ float red[(KS > 1 ? KS - 1 : 1) * RB * NT * 4 * 32];
     if ((int)blockIdx.y < sh_tiles)
-        gemm_body<STAGE, WF_FP8, NT, RB, KS>(sh, blockIdx.y, red);
+        gemm_body<STAGE, WF_FP8, NT, RB, KS>(group_args(sh, blockIdx.z), blockIdx.y, red);
     else
         gemm_body<STAGE, WF_NVFP4, NT, RB, KS>(a, blockIdx.y - sh_tiles, red);
 }
@@ -358,13 +374,6 @@ __global__ void __launch_bounds__(RB *KS * 32)
 #endif
 #define WG_THREADS (MOE_WGS * 128)
 
-/* position of element i (of a row) in the permuted activation layout */
-__device__ __forceinline__ int perm64(int i)
-{
-    int q = i & 63, w = q >> 1;
-    int c = w >> 3, s = (w >> 1) & 3, h = w & 1;
-    return (i & ~63) | ((8 * s + 4 * h + c) << 1) | (q & 1);
-}
 
 __device__ __forceinline__ void cp_async16(void *dst, const void *src, int bytes)
 {
@@ -452,7 +461,7 @@ __device__ __forceinline__ void wg_body(const gemm_args &a, int tile, char *smem
         int q = tid + i * WG_THREADS, r = q >> 3, j = q & 7;
         int pos = start + min(r, cnt - 1);
         int row = (STAGE == STAGE_GATEUP && routed) ? a.sorted[pos] / a.topk : pos;
-        src[i] = (const char *)(a.in + (size_t)row * K) + j * 16;
+        src[i] = (const char *)(a.in + (size_t)row * a.ldin) + j * 16;
         dst[i] = r * 128 + ((j ^ (r & 7)) << 4);
         sz[i] = r < cnt ? 16 : 0;
     }
@@ -594,8 +603,8 @@ __device__ __forceinline__ void wg_body(const gemm_args &a, int tile, char *smem
                     continue;
                 int pos = start + j;
                 int dsti = routed ? a.sorted[pos] : pos;
-                a.yout[(size_t)dsti * a.N + o0] = acc[4 * n + h] * al;
-                a.yout[(size_t)dsti * a.N + o0 + 8] = acc[4 * n + 2 + h] * al;
+                a.yout[(size_t)dsti * a.ldout + o0] = acc[4 * n + h] * al;
+                a.yout[(size_t)dsti * a.ldout + o0 + 8] = acc[4 * n + 2 + h] * al;
             }
     }
 }
@@ -607,7 +616,7 @@ __global__ void __launch_bounds__(WG_THREADS, MOE_WGS == 2 ? 2 : 1)
     extern __shared__ char smem_raw[];
     char *smem = (char *)(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
     if ((int)blockIdx.y < sh_tiles)
-        wg_body<STAGE, WF_FP8, BN>(sh, blockIdx.y, smem);
+        wg_body<STAGE, WF_FP8, BN>(group_args(sh, blockIdx.z), blockIdx.y, smem);
     else
         wg_body<STAGE, WF_NVFP4, BN>(a, blockIdx.y - sh_tiles, smem);
 }
@@ -767,11 +776,11 @@ __global__ void moe_combine(const float *__restrict__ yslot, /* (T*K, d) */
 
 template <int STAGE, int NT, int RB, int KS>
 static int launch_gemm(const gemm_args &a, const gemm_args &sh, int rt_tiles, int sh_tiles,
-                       cudaStream_t st)
+                       cudaStream_t st, int groups = 1)
 {
     if ((a.N / 16) % RB || (a.Kd / 256) % KS)
         return ERR_UNSUPPORTED;
-    dim3 grid(a.N / 16 / RB, rt_tiles + sh_tiles);
+    dim3 grid(a.N / 16 / RB, rt_tiles + sh_tiles, groups);
     return kern__launch(moe_gemm<STAGE, NT, RB, KS>, grid, dim3(RB * KS * 32), 0, st, 1, a, sh,
                         sh_tiles);
 }
@@ -782,7 +791,7 @@ static int launch_gemm(const gemm_args &a, const gemm_args &sh, int rt_tiles, in
 
 template <int STAGE>
 static int launch_nt(int NT, const gemm_args &a, const gemm_args &sh, int rt, int nsh,
-                     cudaStream_t st)
+                     cudaStream_t st, int groups = 1)
 {
     /* split K over 4 (or 2) warps when K/256 allows it, else 8 row blocks per block */
     const int kq = a.Kd / 256;
@@ -790,16 +799,16 @@ static int launch_nt(int NT, const gemm_args &a, const gemm_args &sh, int rt, in
     case 1:
 #if MOE_NT1_KS == 8
         if (kq % 8 == 0)
-            return launch_gemm<STAGE, 1, 1, 8>(a, sh, rt, nsh, st);
+            return launch_gemm<STAGE, 1, 1, 8>(a, sh, rt, nsh, st, groups);
 #endif
-        return kq % 4 == 0 ? launch_gemm<STAGE, 1, 1, 4>(a, sh, rt, nsh, st)
-                           : launch_gemm<STAGE, 1, 8, 1>(a, sh, rt, nsh, st);
+        return kq % 4 == 0 ? launch_gemm<STAGE, 1, 1, 4>(a, sh, rt, nsh, st, groups)
+                           : launch_gemm<STAGE, 1, 8, 1>(a, sh, rt, nsh, st, groups);
     case 2:
-        return kq % 4 == 0 ? launch_gemm<STAGE, 2, 1, 4>(a, sh, rt, nsh, st)
-                           : launch_gemm<STAGE, 2, 8, 1>(a, sh, rt, nsh, st);
+        return kq % 4 == 0 ? launch_gemm<STAGE, 2, 1, 4>(a, sh, rt, nsh, st, groups)
+                           : launch_gemm<STAGE, 2, 8, 1>(a, sh, rt, nsh, st, groups);
     default:
-        return kq % 2 == 0 ? launch_gemm<STAGE, 4, 4, 2>(a, sh, rt, nsh, st)
-                           : launch_gemm<STAGE, 4, 8, 1>(a, sh, rt, nsh, st);
+        return kq % 2 == 0 ? launch_gemm<STAGE, 4, 4, 2>(a, sh, rt, nsh, st, groups)
+                           : launch_gemm<STAGE, 4, 8, 1>(a, sh, rt, nsh, st, groups);
     }
 }
 
@@ -829,7 +838,7 @@ extern "C" int kern_moe_prepare(void)
 
 template <int STAGE, int BN>
 static int launch_wg(const gemm_args &a, const gemm_args &sh, int rt_tiles, int sh_tiles,
-                     cudaStream_t st)
+                     cudaStream_t st, int groups = 1)
 {
     const size_t smem = wg_smem(BN);
     int rc;
@@ -837,7 +846,7 @@ static int launch_wg(const gemm_args &a, const gemm_args &sh, int rt_tiles, int 
         return ERR_UNSUPPORTED;
     if ((rc = kern_moe_prepare()))
         return rc;
-    dim3 grid(a.N / (64 * MOE_WGS), rt_tiles + sh_tiles);
+    dim3 grid(a.N / (64 * MOE_WGS), rt_tiles + sh_tiles, groups);
     return kern__launch(moe_gemm_wg<STAGE, BN>, grid, dim3(WG_THREADS), smem, st, 1, a, sh,
                         sh_tiles);
 }
@@ -904,6 +913,7 @@ static int moe_experts_ws(const struct kern_moe_layer *L, const float *x, const 
     a.N = 2 * I;
     a.Kd = d;
     a.in = ws->xb;
+    a.ldin = d;
     a.hout = ws->h;
     gemm_args s = a;
     s.w = L->sh13;
@@ -926,7 +936,9 @@ static int moe_experts_ws(const struct kern_moe_layer *L, const float *x, const 
     a.N = d;
     a.Kd = I;
     a.in = ws->h;
+    a.ldin = I;
     a.yout = ws->yslot;
+    a.ldout = d;
     s = a;
     s.w = L->sh2;
     s.fac = L->sh2_f;
@@ -985,4 +997,48 @@ extern "C" int kern_moe_forward(const struct kern_moe_layer *L, const float *x,
     if (!rc)
         rc = moe_experts_ws(L, x, lay.idx, lay.w, T, out, &lay, stream, 1, rt, xb_ready);
     return rc;
+}
+
+/* ---- dense FP8 linears (the GPU engine's fast path) through the shared-expert GEMM ---- */
+
+/* The wgmma path (blocks of 256 rows x 64 or 128 tokens) for long steps or when it has two waves
+ * of blocks; else 32-token mma.sync tiles over 64-row blocks (16x more blocks). */
+extern "C" int kern_gemm_fp8_perm(int rows, int groups, int T)
+{
+    static int sms;
+    if (!sms && cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0) != cudaSuccess)
+        sms = 132;
+    const int BT = T >= 96 ? 128 : 64;
+    return T > 32 && rows % (64 * MOE_WGS) == 0 &&
+           (T >= 256 || (long)groups * (rows / (64 * MOE_WGS)) * ((T + BT - 1) / BT) >= 2L * sms);
+}
+
+extern "C" int kern_gemm_fp8(const struct kern_fp8_mat *W, int groups, const uint16_t *xb,
+                             int ldx, size_t x_goff, int T, float *y, int ldy, size_t y_goff,
+                             struct CUstream_st *stream)
+{
+    if (T <= 0 || groups <= 0)
+        return 0;
+    if (W->rows % 128 || W->cols % 256 || ldx % 8 || x_goff % 8 || groups > 65535)
+        return ERR_UNSUPPORTED;
+    gemm_args s = {};
+    s.w = W->data;
+    s.fac = W->fac;
+    s.alpha_c0 = W->alpha;
+    s.N = W->rows;
+    s.Kd = W->cols;
+    s.T = T;
+    s.in = (const __nv_bfloat16 *)xb;
+    s.ldin = ldx;
+    s.yout = y;
+    s.ldout = ldy;
+    s.w_gstride = kern_fp8_data_bytes(W->rows, W->cols);
+    s.fac_gstride = kern_fp8_factor_count(W->rows, W->cols);
+    s.in_goff = x_goff;
+    s.out_goff = y_goff;
+    if (kern_gemm_fp8_perm(W->rows, groups, T))
+        return T >= 96 ? launch_wg<STAGE_DOWN, 128>(s, s, 0, (T + 127) / 128, stream, groups)
+                       : launch_wg<STAGE_DOWN, 64>(s, s, 0, (T + 63) / 64, stream, groups);
+    const int NT = T <= 8 ? 1 : (T <= 16 ? 2 : 4);
+    return launch_nt<STAGE_DOWN>(NT, s, s, 0, (T + NT * 8 - 1) / (NT * 8), stream, groups);
 }

@@ -17,6 +17,13 @@ __global__ void route_k(const float *logits, int T, int E, int K, const float *b
     const int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= T)
         return;
+    if (tokens && tokens[t] < 0) { /* a padding row: no expert */
+        for (int j = 0; j < K; j++) {
+            idx_out[(size_t)t * K + j] = -1;
+            w_out[(size_t)t * K + j] = 0.0f;
+        }
+        return;
+    }
     const float *lg = logits + (size_t)t * E; /* (E) */
     int idx[ROUTE_MAX_K];
     float w[ROUTE_MAX_K];

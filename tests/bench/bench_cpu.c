@@ -74,21 +74,8 @@ out:
 
 static void flash_width_config(struct dsv4_config *c)
 {
-    static const int ratios[] = {0, 0, 4, 0};
-    dsv4_tiny_config(c, DSV4_VARIANT_FLASH);
-    c->vocab_size = 4096; /* the head is not part of a layer's cost */
-    c->hidden_size = 4096;
-    c->n_layers = 3;
-    c->n_mtp = 1;
-    memcpy(c->compress_ratios, ratios, sizeof ratios);
-    c->n_heads = 64;
-    c->q_lora_rank = 1024;
-    c->o_groups = 8;
-    c->o_lora_rank = 1024;
-    c->index_n_heads = 64;
-    c->index_topk = 512;
-    c->n_routed_experts = 8;
-    c->moe_inter = 2048;
+    dsv4_flash_config(c, 3, 8); /* swa swa csa + the MTP layer, 8 experts */
+    c->vocab_size = 4096;       /* the head is not part of a layer's cost */
     c->n_hash_layers = 1;
 }
 

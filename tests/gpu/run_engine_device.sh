@@ -10,9 +10,10 @@ D=build-cuda/carry
 if [ "$1" = --pack ]; then
     set -e
     [ -d build-cuda ] || meson setup build-cuda -Dcuda=enabled
-    ninja -C build-cuda -j2 tests/gpu/test_gpu_engine
+    ninja -C build-cuda -j2 tests/gpu/test_gpu_engine tests/gpu/test_linear_gpu tests/gpu/test_moe_gpu
     mkdir -p $D
-    cp build-cuda/tests/gpu/test_gpu_engine $D/
+    cp build-cuda/tests/gpu/test_gpu_engine build-cuda/tests/gpu/test_linear_gpu \
+        build-cuda/tests/gpu/test_moe_gpu $D/
     for lib in libjansson.so.4 libcudart.so.13 libonig.so.5; do
         p=$(ldd build-cuda/tests/gpu/test_gpu_engine | awk -v l=$lib '$1 == l { print $3 }')
         [ -n "$p" ] && cp -L "$p" $D/
@@ -22,18 +23,20 @@ if [ "$1" = --pack ]; then
 fi
 O=${1:-${OUT:-/tmp/out}}
 mkdir -p "$O"
-export LD_LIBRARY_PATH="$PWD/$D${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# cuBLAS comes from the machine's CUDA toolkit (too large to carry)
+export LD_LIBRARY_PATH="$PWD/$D:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 nvidia-smi -L
-for t in test_gpu_engine; do
-    timeout 150 $D/$t > "$O/$t.tap" 2>&1; echo "$t rc=$?"
-    cat "$O/$t.tap"
+for t in test_linear_gpu test_gpu_engine "test_moe_gpu --small"; do
+    f=$(echo "$t" | tr -d ' -')
+    timeout 300 $D/$t > "$O/$f.tap" 2>&1; echo "$t rc=$?"
+    grep -v "^ok" "$O/$f.tap"; echo "$(grep -c '^ok' "$O/$f.tap") ok"
 done
 if grep -q "^not ok" "$O/test_gpu_engine.tap"; then
     timeout 100 $D/test_gpu_engine --diag > "$O/diag.tap" 2>&1; echo "diag rc=$?"
     grep "^# diag" "$O/diag.tap"
 fi
 if [ "$SANITIZE" != 0 ]; then
-    timeout 90 compute-sanitizer --tool memcheck --error-exitcode 9 $D/test_gpu_engine --quick \
+    timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 $D/test_gpu_engine --quick \
         > "$O/memcheck.log" 2>&1; echo "memcheck rc=$?"
     tail -4 "$O/memcheck.log"
 fi

@@ -1,19 +1,24 @@
 /*
  * test_gpu_engine.c - the CUDA backend against the CPU backend (TAP, suite 'gpu').
  *
- * For builtin:tiny-flash and builtin:tiny-pro in model numerics (and tiny-flash in exact
- * numerics), a 300-token prompt (window wrap, 2 HCA entries, 75 CSA entries with real top-k
- * selection) then 64 greedy decode steps, each backend fed its own argmax:
- *   - logits: max |gpu - cpu| / max |cpu| per row <= LOGIT_TOL over the prefill row and every
- *     decode row (see LOGIT_TOL for the bounds and which comparisons are asserted);
- *   - greedy tokens identical for all 64 steps;
- *   - chunked prefill (1 + 127 + 86 + 86 tokens) gives bit-identical logits to one chunk;
+ * Runs: the exact kernels (DSV4_CUDA_EXACT's path) on builtin:tiny-flash and tiny-pro in model
+ * numerics and tiny-flash in exact numerics, then the same three on the fast path (tensor-core
+ * linears, the default). Each: a 300-token prompt (window wrap, 2 HCA entries, 75 CSA entries
+ * with real top-k selection), then 64 decode steps:
+ *   - logits of the prefill row and every decode row against the CPU (see compare() and
+ *     LOGIT_TOL* for the bounds: bit identity on the exact kernels);
+ *   - greedy tokens identical for all 64 steps (fast path in model numerics: agreement
+ *     calibrated against the CPU's FP32 twin);
+ *   - chunked prefill (1 + 127 + 86 + 86 tokens) against one chunk;
  *   - batch invariance: the prompt prefilled inside a step of 32 sequences of mixed lengths,
- *     then decoded for 16 steps while others decode and (at step 4) new prompts prefill, gives
- *     logits bit-identical to running it alone;
- *   - a forked slot decodes bit-identically to its source.
- * Without a device: "1..0 # SKIP no CUDA device". --quick: tiny-flash only, 140 + 4 tokens, no
- * batch (for compute-sanitizer); --diag: first the per-layer-count error ladder (diag()).
+ *     then decoded for 16 steps (CUDA-graph steps) while others decode and (at step 4) new
+ *     prompts prefill, against running it alone;
+ *   - a forked slot decodes bit-identically to its source; device greedy (backend_seq.greedy_out)
+ *     picks the argmax of the row; a 3-row decode step (padded to a 4-row graph) is unchanged
+ *     by its padding row.
+ * Without a device: "1..0 # SKIP no CUDA device". --quick: tiny-flash only (exact kernels and
+ * fast path), 140 + 4 tokens, no batch, the calibrated comparison only checked for finite
+ * logits (for compute-sanitizer); --diag: first the per-layer-count error ladder (diag()).
  */
 #include <math.h>
 #include <stdarg.h>
@@ -38,8 +43,25 @@
  * FP8 rounding boundary cascaded to 1e-1 of the largest logit after 300 tokens.)
  */
 #define LOGIT_TOL 1e-6
+/*
+ * The fast path (tensor-core linears, the default) sums in another order than the CPU, so its
+ * results differ from the oracle's by rounding. In exact numerics (FP32 activations, no round
+ * trips) that stays at the level of FP32 rounding amplified by the depth: LOGIT_TOL_FAST_EXACT.
+ * In model numerics a last-bit difference that lands on an FP8 (or indexer FP4) rounding
+ * boundary moves that activation by a whole FP8 step (2^-4 relative) and the change propagates
+ * (a top-k selection may change too), so no fixed rounding-level bound holds; there the bound is
+ * measured in the same run (compare()): the fast path must differ from the model-numerics oracle
+ * by less than the oracle's own FP32 twin does. Chunked, batched and forked runs on the fast
+ * path take other kernel paths (tile shapes depend on the row count), so they are held to the
+ * same bounds instead of bit identity.
+ */
+#define LOGIT_TOL_FAST_EXACT 1e-4
+static int FAST;  /* the backend under test runs its tensor-core path */
+static int CALIB; /* FAST in model numerics: bounds calibrated against a CPU twin */
+static double TOL = LOGIT_TOL;
 #define PROMPT_MAX 300
 static int PROMPT = PROMPT_MAX, DECODE = 64; /* --quick: 140 and 4 */
+static int QUICK; /* --quick (compute-sanitizer): too few rows for the calibrated statistics */
 #define NBATCH  32
 #define BDECODE 16
 
@@ -98,25 +120,55 @@ static double rel_err(const float *a, const float *b, int n)
     return mb > 0 ? md / mb : md;
 }
 
+/* The check of a logits row against another: bit identity on the exact path, else TOL. */
+static int same_row(const float *a, const float *b, int V)
+{
+    return FAST ? rel_err(a, b, V) <= TOL : !memcmp(a, b, sizeof(float) * (size_t)V);
+}
+
+static int cuda_new(struct backend **out, struct dsv4_model *m, int n_slots, int n_blocks)
+{
+    struct backend_cuda_opts o;
+    backend_cuda_opts_defaults(&o);
+    o.n_slots = n_slots;
+    o.n_blocks = n_blocks;
+    o.exact_blocks = 1;
+    o.mem_util = 1.0;
+    o.max_step_tokens = 512;
+    o.exact = !FAST;
+    return backend_cuda_new_opts(out, m, &o);
+}
+
 static int step1(struct backend *b, int slot, const int32_t *tok, int n, int want, float *logits)
 {
-    struct backend_seq s = {slot, tok, n, want};
+    struct backend_seq s = {slot, tok, n, want, NULL};
     return b->ops->step(b, &s, 1, logits);
 }
 
 /*
- * The main comparison on one model: CPU vs GPU, prefill + DECODE greedy steps. ref (1 + BDECODE
- * rows) receives the GPU's rows (prefill, decode 1..BDECODE) and gtok the GPU's tokens, for
- * the batch test.
+ * The main comparison on one model: CPU vs GPU, prefill + DECODE decode steps. ref (1 + BDECODE
+ * rows) receives the GPU's rows (prefill, decode 1..BDECODE) and gtok the token fed at each
+ * decode step, for the batch test.
+ *
+ * Exact kernels: each backend decodes its own argmax (free running); every row must be
+ * bit-identical. Fast path: both are fed the CPU's argmax (teacher forcing, so every row compares
+ * the same context) and the GPU's argmax must agree with the CPU's at every step in exact
+ * numerics; in model numerics the bound is calibrated in the same run: a CPU twin in exact
+ * numerics is fed the same tokens, and the fast path must stay closer to the model-numerics
+ * oracle than that twin (mean logits error over the 65 rows, and greedy agreement), i.e. within
+ * what the model's own FP8/FP4 rounding changes.
  */
-static int compare(struct dsv4_model *m, const char *label, const int32_t *prompt, float *ref,
-                   int32_t *gtok, struct backend **gpu_out)
+static int compare(struct dsv4_model *m, const char *spec, const char *label, const int32_t *prompt,
+                   float *ref, int32_t *gtok, struct backend **gpu_out)
 {
     const int V = m->cfg.vocab_size;
-    struct backend *cb = NULL, *gb = NULL;
+    const int calib = FAST && m->numerics == DSV4_NUMERICS_MODEL;
+    struct backend *cb = NULL, *gb = NULL, *qb = NULL;
+    struct dsv4_model *mq = NULL;
     float *lc = malloc(sizeof(float) * (size_t)V), *lg = malloc(sizeof(float) * (size_t)V);
+    float *lq = malloc(sizeof(float) * (size_t)V);
     int rc = 0;
-    if (!lc || !lg) {
+    if (!lc || !lg || !lq) {
         rc = ERR_NOMEM;
         goto out;
     }
@@ -124,15 +176,26 @@ static int compare(struct dsv4_model *m, const char *label, const int32_t *promp
         tap(0, "%s: cpu backend: %s", label, err_msg());
         goto out;
     }
+    if (calib) {
+        if ((rc = dsv4_model_open(&mq, spec)) == 0) {
+            mq->numerics = DSV4_NUMERICS_EXACT;
+            rc = backend_cpu_new(&qb, mq, 1, 8);
+        }
+        if (rc) {
+            tap(0, "%s: cpu twin in exact numerics: %s", label, err_msg());
+            goto out;
+        }
+    }
     double t0 = now();
-    rc = backend_cuda_new(&gb, m, NBATCH + 2, (NBATCH + 2) * 6);
+    rc = cuda_new(&gb, m, NBATCH + 2, (NBATCH + 2) * 6);
     double t_load = now() - t0;
     tap(rc == 0, "%s: cuda backend created (%.2f s, block %zu B, slot state %zu B)%s%s", label,
         t_load, gb ? gb->block_bytes : 0, gb ? gb->state_bytes : 0, rc ? ": " : "",
         rc ? err_msg() : "");
     if (rc)
         goto out;
-    if ((rc = step1(cb, 0, prompt, PROMPT, 1, lc))) {
+    if ((rc = step1(cb, 0, prompt, PROMPT, 1, lc)) ||
+        (qb && (rc = step1(qb, 0, prompt, PROMPT, 1, lq)))) {
         tap(0, "%s: cpu prefill: %s", label, err_msg());
         goto out;
     }
@@ -143,17 +206,19 @@ static int compare(struct dsv4_model *m, const char *label, const int32_t *promp
         rc ? err_msg() : "");
     if (rc)
         goto out;
-    const int checked = 1;
-    double e0 = rel_err(lg, lc, V), emax = e0;
+    double e0 = rel_err(lg, lc, V), emax = e0, q0 = qb ? rel_err(lq, lc, V) : 0, qmax = q0;
+    double esum = e0, qsum = q0;
     int ident = !memcmp(lg, lc, sizeof(float) * (size_t)V), n_ident = ident;
     if (ref)
         memcpy(ref, lg, sizeof(float) * (size_t)V);
-    tap(!checked || e0 <= LOGIT_TOL, "%s: prefill logits max rel err %.3e (bound %.0e%s)%s", label, e0, LOGIT_TOL, checked ? "" : ", not asserted",
-        ident ? ", bit-identical" : "");
-    if (!checked)
-        printf("# %s: against the stock libm oracle, model numerics: reported, not asserted\n",
-               label);
-    int same = 1, first_diff = -1;
+    if (calib)
+        printf("# %s: prefill logits rel err %.3e (cpu exact vs model numerics: %.3e)\n", label, e0,
+               q0);
+    else
+        tap(e0 <= TOL, "%s: prefill logits max rel err %.3e (bound %.0e)%s", label, e0, TOL,
+            ident ? ", bit-identical" : "");
+    int same = 1, first_diff = -1, agree = 0, qagree = 0;
+    const int rows = 1 + DECODE; /* compared rows when teacher-forced */
     double t_dec = 0;
     int32_t tc = argmax(lc, V), tg = argmax(lg, V);
     for (int i = 0; i < DECODE; i++) {
@@ -161,9 +226,11 @@ static int compare(struct dsv4_model *m, const char *label, const int32_t *promp
             same = 0;
             first_diff = i;
         }
+        if (FAST)
+            tg = tc; /* teacher forcing */
         if (gtok && i < BDECODE)
             gtok[i] = tg;
-        if ((rc = step1(cb, 0, &tc, 1, 1, lc))) {
+        if ((rc = step1(cb, 0, &tc, 1, 1, lc)) || (qb && (rc = step1(qb, 0, &tc, 1, 1, lq)))) {
             tap(0, "%s: cpu decode %d: %s", label, i, err_msg());
             goto out;
         }
@@ -176,23 +243,41 @@ static int compare(struct dsv4_model *m, const char *label, const int32_t *promp
         }
         if (ref && i < BDECODE)
             memcpy(ref + (size_t)(i + 1) * V, lg, sizeof(float) * (size_t)V);
-        if (same) {
+        if (same || FAST) {
             double e = rel_err(lg, lc, V);
             emax = e > emax ? e : emax;
+            esum += e;
             n_ident += !memcmp(lg, lc, sizeof(float) * (size_t)V);
+        }
+        if (qb) {
+            double q = rel_err(lq, lc, V);
+            qmax = q > qmax ? q : qmax;
+            qsum += q;
+            qagree += argmax(lq, V) == argmax(lc, V);
         }
         tc = argmax(lc, V);
         tg = argmax(lg, V);
+        agree += tg == tc;
     }
-    tap(!checked || same, "%s: greedy tokens identical for %d steps%s", label, DECODE,
-        same ? "" : checked ? " (they differ)" : " (they differ; not asserted)");
-    if (!same)
-        printf("# %s: first differing greedy token at decode step %d\n", label, first_diff);
-    tap(!checked || emax <= LOGIT_TOL,
-        "%s: decode logits max rel err %.3e over %d rows%s, %d/%d rows "
-        "bit-identical (%.2f ms per gpu decode step)",
-        label, emax, 1 + (same ? DECODE : first_diff), checked ? "" : " (not asserted)", n_ident,
-        1 + (same ? DECODE : first_diff), 1e3 * t_dec / DECODE);
+    if (calib) {
+        tap(QUICK ? isfinite(esum) : esum <= qsum && agree >= qagree,
+            "%s: prefill + %d teacher-forced decode rows: logits rel err mean %.3e max %.3e (cpu "
+            "exact vs model numerics: mean %.3e max %.3e), greedy agreement %d/%d (cpu exact: "
+            "%d/%d) (%.2f ms per gpu step)",
+            label, DECODE, esum / rows, emax, qsum / rows, qmax, agree, DECODE, qagree, DECODE,
+            1e3 * t_dec / DECODE);
+        TOL = qmax; /* the bound of the chunked and batched comparisons below */
+    } else {
+        tap(FAST ? agree == DECODE : same, "%s: greedy tokens identical for %d steps%s", label,
+            DECODE, FAST ? " (teacher-forced)" : "");
+        if (!same && !FAST)
+            printf("# %s: first differing greedy token at decode step %d\n", label, first_diff);
+        tap(emax <= TOL,
+            "%s: decode logits max rel err %.3e over %d rows, %d/%d rows bit-identical (%.2f ms "
+            "per gpu decode step)",
+            label, emax, same || FAST ? rows : 1 + first_diff, n_ident,
+            same || FAST ? rows : 1 + first_diff, 1e3 * t_dec / DECODE);
+    }
     /* chunked prefill on another slot */
     {
         const int rest = PROMPT - 128;
@@ -202,9 +287,10 @@ static int compare(struct dsv4_model *m, const char *label, const int32_t *promp
             rc = step1(gb, 1, prompt + at, chunks[k], k == 3, lg);
             at += chunks[k];
         }
-        tap(rc == 0 && ref && !memcmp(lg, ref, sizeof(float) * (size_t)V),
-            "%s: chunked prefill (%d+%d+%d+%d) bit-identical to one chunk%s%s", label, chunks[0],
-            chunks[1], chunks[2], chunks[3], rc ? ": " : "", rc ? err_msg() : "");
+        tap(rc == 0 && ref && same_row(lg, ref, V),
+            "%s: chunked prefill (%d+%d+%d+%d) %s one chunk (rel err %.2e)%s%s", label, chunks[0],
+            chunks[1], chunks[2], chunks[3], FAST ? "agrees with" : "bit-identical to",
+            rc == 0 && ref ? rel_err(lg, ref, V) : 0.0, rc ? ": " : "", rc ? err_msg() : "");
         gb->ops->slot_reset(gb, 1);
     }
 out:
@@ -214,8 +300,12 @@ out:
         gb->ops->destroy(gb);
     if (cb)
         cb->ops->destroy(cb);
+    if (qb)
+        qb->ops->destroy(qb);
+    dsv4_model_free(mq);
     free(lc);
     free(lg);
+    free(lq);
     return rc;
 }
 
@@ -231,7 +321,7 @@ static void diag(struct dsv4_model *m, const char *label, const int32_t *prompt)
     for (int nl = 0; lc && lg && nl <= nl0; nl++) {
         m->cfg.n_layers = nl;
         struct backend *cb = NULL, *gb = NULL;
-        if (backend_cpu_new(&cb, m, 1, 8) || backend_cuda_new(&gb, m, 1, 8)) {
+        if (backend_cpu_new(&cb, m, 1, 8) || cuda_new(&gb, m, 1, 8)) {
             printf("# diag %s: backend: %s\n", label, err_msg());
         } else {
             printf("# diag %s layers %d:", label, nl);
@@ -284,40 +374,50 @@ static void batch_test(struct backend *gb, const char *label, const int32_t *pro
     /* the target lives in slot 1; others in 2..NBATCH */
     int T = 0;
     for (int i = 0; i < NBATCH; i++) {
-        seqs[i] = (struct backend_seq){1 + i, toks[i], len[i], 1};
+        seqs[i] = (struct backend_seq){1 + i, toks[i], len[i], 1, NULL};
         T += len[i];
     }
     double t0 = now();
     rc = gb->ops->step(gb, seqs, NBATCH, lg);
     double t_b = now() - t0;
-    tap(rc == 0 && !memcmp(lg, ref, sizeof(float) * (size_t)V),
-        "%s: prefill inside a batch of %d sequences (%d rows, %.3f s) bit-identical to alone%s%s",
-        label, NBATCH, T, t_b, rc ? ": " : "", rc ? err_msg() : "");
+    tap(rc == 0 && same_row(lg, ref, V),
+        "%s: prefill inside a batch of %d sequences (%d rows, %.3f s) %s alone (rel err %.2e)%s%s",
+        label, NBATCH, T, t_b, FAST ? "agrees with" : "bit-identical to",
+        rc == 0 ? rel_err(lg, ref, V) : 0.0, rc ? ": " : "", rc ? err_msg() : "");
     if (rc)
         goto out;
     int ok = 1, tok_ok = 1;
+    double bmax = 0;
     for (int k = 0; k < BDECODE && !rc; k++) {
         int ns = 0;
-        for (int i = 0; i < NBATCH; i++) {
+        for (int i = 0; i < NBATCH; i++)
             next[i] = argmax(lg + (size_t)i * V, V);
-            if (i == 0 && next[i] != gtok[k])
-                tok_ok = 0;
-        }
+        /* the target gets the alone run's tokens and must pick the same greedy token */
+        if (next[0] != argmax(ref + (size_t)k * V, V))
+            tok_ok = 0;
+        next[0] = gtok[k];
         for (int i = 0; i < NBATCH; i++) {
             if (k == 4 && i >= NBATCH / 2) { /* new prompts prefill next to the decodes */
                 gb->ops->slot_reset(gb, 1 + i);
-                seqs[ns++] = (struct backend_seq){1 + i, toks[i], 1 + (int)(rnd() % 300), 1};
+                seqs[ns++] = (struct backend_seq){1 + i, toks[i], 1 + (int)(rnd() % 300), 1, NULL};
             } else {
-                seqs[ns++] = (struct backend_seq){1 + i, &next[i], 1, 1};
+                seqs[ns++] = (struct backend_seq){1 + i, &next[i], 1, 1, NULL};
             }
         }
         rc = gb->ops->step(gb, seqs, ns, lg);
-        if (!rc && memcmp(lg, ref + (size_t)(k + 1) * V, sizeof(float) * (size_t)V))
+        if (!rc && !same_row(lg, ref + (size_t)(k + 1) * V, V))
             ok = 0;
+        if (!rc) {
+            double e = rel_err(lg, ref + (size_t)(k + 1) * V, V);
+            bmax = e > bmax ? e : bmax;
+        }
     }
-    tap(rc == 0 && ok && tok_ok,
-        "%s: %d decode steps inside the batch (with prefills at step 4) bit-identical to alone%s%s",
-        label, BDECODE, rc ? ": " : "", rc ? err_msg() : "");
+    tap(rc == 0 && ok && (tok_ok || CALIB),
+        "%s: %d decode steps inside the batch (with prefills at step 4) %s alone (max rel err "
+        "%.2e), %s greedy tokens%s%s%s",
+        label, BDECODE, FAST ? "agree with" : "bit-identical to", bmax,
+        tok_ok ? "same" : "different", CALIB && !tok_ok ? " (model numerics: not asserted)" : "",
+        rc ? ": " : "", rc ? err_msg() : "");
     if (rc)
         goto out;
     /* fork the target (at 300 + 16: a partial block) and decode both with one token */
@@ -334,6 +434,22 @@ static void batch_test(struct backend *gb, const char *label, const int32_t *pro
         tap(rc == 0 && !memcmp(la, lb, sizeof(float) * (size_t)V) && shared == 1,
             "%s: forked slot decodes bit-identically (fork took %d new block)%s%s", label, shared,
             rc ? ": " : "", rc ? err_msg() : "");
+        /* device greedy: fork again; one step decodes both copies, one of them asking only for
+         * its argmax (backend_seq.greedy_out), which must be the argmax of the other's row */
+        int32_t g = -1, t2 = argmax(lb, V);
+        gb->ops->slot_reset(gb, 0);
+        if (!rc)
+            rc = gb->ops->slot_fork(gb, 0, 1);
+        /* three rows: a decode step pads them to 4 with a row of token -1 */
+        struct backend_seq three[3] = {
+            {0, &t2, 1, 1, &g}, {1, &t2, 1, 1, NULL}, {NBATCH + 1, &t2, 1, 1, NULL}};
+        if (!rc)
+            rc = gb->ops->step(gb, three, 3, lg);
+        tap(rc == 0 && g == argmax(lg + V, V) &&
+                !memcmp(lg + V, lg + 2 * (size_t)V, sizeof(float) * (size_t)V),
+            "%s: device greedy token %d == argmax %d of the same row's logits; equal rows of a "
+            "padded step bit-identical%s%s",
+            label, g, rc ? -1 : argmax(lg + V, V), rc ? ": " : "", rc ? err_msg() : "");
         free(la);
         free(lb);
     }
@@ -347,6 +463,7 @@ int main(int argc, char **argv)
 {
     int want_diag = argc > 1 && !strcmp(argv[1], "--diag");
     int quick = argc > 1 && !strcmp(argv[1], "--quick"); /* the compute-sanitizer case */
+    QUICK = quick;
     if (quick) {
         PROMPT = 140;
         DECODE = 4;
@@ -358,16 +475,29 @@ int main(int argc, char **argv)
     char name[256] = "";
     kern_device_name(name, sizeof name);
     printf("# device: %s; oracle: the CPU backend (kernels/cpu)\n", name);
-    static const char *specs[] = {"builtin:tiny-flash", "builtin:tiny-pro", "builtin:tiny-flash"};
-    for (int vi = 0; vi < (quick ? 1 : 3); vi++) {
+    /* (model, numerics, fast path): the exact kernels first, then the tensor-core path */
+    static const struct {
+        const char *spec;
+        int exact_numerics, fast;
+    } runs[] = {{"builtin:tiny-flash", 0, 0}, {"builtin:tiny-pro", 0, 0},
+                {"builtin:tiny-flash", 1, 0}, {"builtin:tiny-flash", 0, 1},
+                {"builtin:tiny-pro", 0, 1},   {"builtin:tiny-flash", 1, 1}};
+    const int nruns = (int)(sizeof runs / sizeof runs[0]);
+    for (int vi = 0; vi < nruns; vi++) {
         struct dsv4_model *m = NULL;
         char label[64];
-        snprintf(label, sizeof label, "%s/%s", specs[vi] + 8, vi == 2 ? "exact" : "model");
-        if (dsv4_model_open(&m, specs[vi])) {
+        if (quick && vi != 0 && vi != 3)
+            continue;
+        FAST = runs[vi].fast;
+        CALIB = FAST && !runs[vi].exact_numerics;
+        TOL = !FAST ? LOGIT_TOL : (runs[vi].exact_numerics ? LOGIT_TOL_FAST_EXACT : 0);
+        snprintf(label, sizeof label, "%s/%s/%s", runs[vi].spec + 8,
+                 runs[vi].exact_numerics ? "exact" : "model", FAST ? "fast" : "exact-kernels");
+        if (dsv4_model_open(&m, runs[vi].spec)) {
             tap(0, "%s: open: %s", label, err_msg());
             continue;
         }
-        if (vi == 2)
+        if (runs[vi].exact_numerics)
             m->numerics = DSV4_NUMERICS_EXACT;
         const int V = m->cfg.vocab_size;
         int32_t prompt[PROMPT_MAX], gtok[BDECODE];
@@ -377,7 +507,7 @@ int main(int argc, char **argv)
             diag(m, label, prompt);
         float *ref = malloc(sizeof(float) * (size_t)V * (1 + BDECODE));
         struct backend *gb = NULL;
-        int rc = ref ? compare(m, label, prompt, ref, gtok, &gb) : ERR_NOMEM;
+        int rc = ref ? compare(m, runs[vi].spec, label, prompt, ref, gtok, &gb) : ERR_NOMEM;
         if (!rc && gb && !quick)
             batch_test(gb, label, prompt, V, ref, gtok);
         if (gb)

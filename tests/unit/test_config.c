@@ -1,6 +1,6 @@
 /*
  * test_config.c - config.json parsing and the layer schedule, on the released Flash and Pro
- * configurations (spec §3.1) and on damaged copies of them.
+ * configurations (spec §3.1) and on damaged copies of them; the synthetic Flash-shape config.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -187,6 +187,41 @@ static void test_tiny_roundtrip(void **s)
     }
 }
 
+/*
+ * `export-tiny --shape flash --layers N --experts E` writes the released Flash config.json, with
+ * num_hidden_layers N, compress_ratios its first N entries + the MTP's, n_routed_experts E and
+ * num_hash_layers min(3, N): every other value as released.
+ */
+static void test_flash_shape_config(void **s)
+{
+    (void)s;
+    static const int layers[] = {43, 8, 4, 2, 1};
+    for (size_t k = 0; k < sizeof layers / sizeof layers[0]; k++) {
+        const int L = layers[k], E = L == 43 ? 256 : 16;
+        json_t *j = release_config(0);
+        json_t *ratios = json_object_get(j, "compress_ratios");
+        while ((int)json_array_size(ratios) > L + 1)
+            json_array_remove(ratios, (size_t)L); /* drop main layers L.., keep the MTP's 0 */
+        json_object_set_new(j, "num_hidden_layers", json_integer(L));
+        json_object_set_new(j, "num_hash_layers", json_integer(L < 3 ? L : 3));
+        json_object_set_new(j, "n_routed_experts", json_integer(E));
+        struct dsv4_config want, got;
+        struct dsv4_schedule sc;
+        if (parse(j, &want))
+            fail_msg("%s", err_msg());
+        json_decref(j);
+        assert_int_equal(dsv4_flash_config(&got, L, E), 0);
+        assert_memory_equal(&want, &got, sizeof want);
+        assert_int_equal(dsv4_schedule_build(&sc, &got), 0);
+    }
+    struct dsv4_config c;
+    assert_int_equal(dsv4_flash_config(&c, 0, 256), ERR_INVAL);
+    assert_non_null(strstr(err_msg(), "0 layers"));
+    assert_int_equal(dsv4_flash_config(&c, 44, 256), ERR_INVAL);
+    assert_int_equal(dsv4_flash_config(&c, 8, 5), ERR_INVAL);
+    assert_non_null(strstr(err_msg(), "5 routed experts"));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -194,6 +229,7 @@ int main(void)
         cmocka_unit_test(test_missing_keys),
         cmocka_unit_test(test_inconsistent),
         cmocka_unit_test(test_tiny_roundtrip),
+        cmocka_unit_test(test_flash_shape_config),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1,0 +1,170 @@
+/*
+ * linear_fast.cu - the tensor-core linears of the GPU engine's fast path (engine/backend_cuda.c):
+ * activations to BF16 for the GEMMs, the hi + lo sum of split activations, and BF16-weight GEMMs
+ * through cuBLAS. (FP8 weights run through kern_gemm_fp8, moe_nvfp4.cu.)
+ *
+ * Numerics. The products stay exact: FP8 weights and FP8-rounded activations (the model's
+ * power-of-two-scaled round trip) are exact in BF16; where the model keeps FP32 activations
+ * (wo_a, the compressors, weights_proj, the head) x is split into hi = bf16(x) and
+ * lo = bf16(x - hi) (16 significant bits), both rows go through one GEMM (the weights are read
+ * once) and the two results are added. Sums are FP32 on the tensor cores; only the summation
+ * order differs from the CPU engine.
+ */
+#include "kernels/kernels.h"
+
+#include <cublas_v2.h>
+#include <stdlib.h>
+#include <cuda_bf16.h>
+
+#include "kernels/cuda/moe_internal.cuh"
+
+__global__ void act_bf16_k(const float *__restrict__ x, int ldx, int T, int C, int split, int perm,
+                           __nv_bfloat16 *__restrict__ xb)
+{
+    const int t = blockIdx.y;
+    const float *xt = x + (size_t)t * ldx;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < C; i += gridDim.x * blockDim.x) {
+        float v = xt[i];
+        __nv_bfloat16 hi = __float2bfloat16_rn(v);
+        int at = perm ? (i & ~63) | perm64(i & 63) : i;
+        xb[(size_t)t * C + at] = hi;
+        if (split)
+            xb[(size_t)(T + t) * C + at] = __float2bfloat16_rn(v - __bfloat162float(hi));
+    }
+}
+
+extern "C" int kern_act_bf16(const float *x, int ldx, int T, int C, int split, int perm,
+                             uint16_t *xb, cudaStream_t st)
+{
+    if (T <= 0)
+        return 0;
+    if ((perm && C % 64) || T > 65535)
+        return ERR_UNSUPPORTED;
+    dim3 grid((unsigned)((C + 255) / 256 < 8 ? (C + 255) / 256 : 8), (unsigned)T);
+    act_bf16_k<<<grid, 256, 0, st>>>(x, ldx, T, C, split, perm, (__nv_bfloat16 *)xb);
+    KERN_LAUNCH_CHECK();
+    return 0;
+}
+
+__global__ void add_split_k(const float *__restrict__ a, int T, int n, float *__restrict__ y,
+                            int ldy)
+{
+    const int t = blockIdx.y;
+    for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < n; j += gridDim.x * blockDim.x)
+        y[(size_t)t * ldy + j] = a[(size_t)t * n + j] + a[(size_t)(T + t) * n + j];
+}
+
+extern "C" int kern_add_split(const float *a, int T, int n, float *y, int ldy, cudaStream_t st)
+{
+    if (T <= 0)
+        return 0;
+    if (T > 65535)
+        return ERR_UNSUPPORTED;
+    unsigned gx = (unsigned)((n + 255) / 256);
+    add_split_k<<<dim3(gx < 64 ? gx : 64, (unsigned)T), 256, 0, st>>>(a, T, n, y, ldy);
+    KERN_LAUNCH_CHECK();
+    return 0;
+}
+
+/* ---- cuBLAS ---- */
+
+struct kern_blas {
+    cublasHandle_t h;
+};
+
+extern "C" int kern_blas_new(struct kern_blas **out, cudaStream_t st, void *ws, size_t ws_bytes)
+{
+    struct kern_blas *b = (struct kern_blas *)calloc(1, sizeof *b);
+    *out = NULL;
+    if (!b)
+        return ERR_NOMEM;
+    if (cublasCreate(&b->h) != CUBLAS_STATUS_SUCCESS) {
+        free(b);
+        return ERR_CUDA;
+    }
+    /* a caller-owned workspace: no allocation inside a call (CUDA graph capture) */
+    if (cublasSetStream(b->h, st) != CUBLAS_STATUS_SUCCESS ||
+        (ws && cublasSetWorkspace(b->h, ws, ws_bytes) != CUBLAS_STATUS_SUCCESS) ||
+        cublasSetMathMode(b->h, CUBLAS_DEFAULT_MATH) != CUBLAS_STATUS_SUCCESS) {
+        cublasDestroy(b->h);
+        free(b);
+        return ERR_CUDA;
+    }
+    *out = b;
+    return 0;
+}
+
+extern "C" void kern_blas_free(struct kern_blas *b)
+{
+    if (!b)
+        return;
+    cublasDestroy(b->h);
+    free(b);
+}
+
+extern "C" int kern_blas_gemm_bf16(struct kern_blas *b, const uint16_t *W, int rows, int cols,
+                                   const uint16_t *xb, int ldx, int T, float *y, int ldy)
+{
+    if (T <= 0)
+        return 0;
+    const float one = 1.0f, zero = 0.0f;
+    /* column-major view: y^T (rows, T) = W^T^T . xb^T, W stored (rows, cols) row-major */
+    cublasStatus_t s = cublasGemmEx(b->h, CUBLAS_OP_T, CUBLAS_OP_N, rows, T, cols, &one, W,
+                                    CUDA_R_16BF, cols, xb, CUDA_R_16BF, ldx, &zero, y, CUDA_R_32F,
+                                    ldy, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    return s == CUBLAS_STATUS_SUCCESS ? 0 : ERR_CUDA;
+}
+
+/* ---- greedy sampling on the device ---- */
+
+/* (value, id) maximum over the warp, the lower id on ties; every lane gets it. */
+__device__ __forceinline__ void argmax_warp(float *bv, int *bi)
+{
+    for (int o = 16; o; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, *bv, o);
+        int oi = __shfl_xor_sync(0xffffffffu, *bi, o);
+        if (ov > *bv || (ov == *bv && oi < *bi)) {
+            *bv = ov;
+            *bi = oi;
+        }
+    }
+}
+
+__global__ void argmax_rows_k(const float *__restrict__ logits, int V, int32_t *__restrict__ out)
+{
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    const float *row = logits + (size_t)blockIdx.x * V;
+    float bv = -INFINITY;
+    int bi = 0x7fffffff;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) {
+        float v = row[i];
+        if (v > bv || bi == 0x7fffffff) { /* first element seen, or larger (ids ascend) */
+            bv = v;
+            bi = i;
+        }
+    }
+    argmax_warp(&bv, &bi);
+    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    if (lane == 0) {
+        sv[w] = bv;
+        si[w] = bi;
+    }
+    __syncthreads();
+    if (w == 0) {
+        bv = lane < nw ? sv[lane] : -INFINITY;
+        bi = lane < nw ? si[lane] : 0x7fffffff;
+        argmax_warp(&bv, &bi);
+        if (lane == 0)
+            out[blockIdx.x] = bi;
+    }
+}
+
+extern "C" int kern_argmax_rows(const float *logits, int n, int V, int32_t *out, cudaStream_t st)
+{
+    if (n <= 0)
+        return 0;
+    argmax_rows_k<<<n, 1024, 0, st>>>(logits, V, out);
+    KERN_LAUNCH_CHECK();
+    return 0;
+}

@@ -1,0 +1,191 @@
+/*
+ * mhc_fast.cu - the mHC collapse of the GPU engine's fast path: hc_pre and hc_head with the
+ * 24-way (4-way) projection split over K across many blocks (a deterministic split-K: slices
+ * summed in order), and the row reductions done by the whole block. The gates and the Sinkhorn
+ * iterations are the exact path's (ex_hc_gates); only summation orders differ from dense.cu,
+ * so results agree to FP32 rounding and do not depend on how many rows a step has.
+ *
+ * Shapes: X (T, n, d) residual streams; fn (nmix, n*d); part (T, HCF_SLICES, nmix) workspace.
+ */
+#include "kernels/kernels.h"
+
+#include "kernels/cuda/exact.cuh"
+
+#define HCF_THREADS 256
+#define HCF_MAX     16
+#define HCF_SLICES  32 /* K slices of the projection */
+#define HCF_ROWS    8  /* rows per block of the projection */
+#define HCF_MIXMAX  ((2 + HCF_MAX) * HCF_MAX)
+
+/* Sum of v over the block (every thread gets it); sm: 32 floats. */
+__device__ __forceinline__ float hcf_block_sum(float v, float *sm)
+{
+    for (int o = 16; o; o >>= 1)
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    __syncthreads(); /* sm may still be read by a previous call */
+    if (lane == 0)
+        sm[w] = v;
+    __syncthreads();
+    v = lane < nw ? sm[lane] : 0.0f;
+    for (int o = 16; o; o >>= 1)
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+/*
+ * part (T, HCF_SLICES, nmix): per slice s of the len columns, the dots of the rows of X with the
+ * rows of fn. grid (HCF_SLICES, ceil(T / HCF_ROWS)): a block takes HCF_ROWS rows; warp w the mix
+ * rows m = w, w + 8, ... (each fn element is loaded once for all the block's rows).
+ */
+__global__ void __launch_bounds__(HCF_THREADS)
+    hcf_mix_part_k(const float *__restrict__ X, int T, int len, const float *__restrict__ fn,
+                   int nmix, float *__restrict__ part)
+{
+    const int s = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int t0 = blockIdx.y * HCF_ROWS, nr = T - t0 < HCF_ROWS ? T - t0 : HCF_ROWS;
+    const int sl = len / HCF_SLICES, k0 = s * sl;
+    for (int m0 = warp; m0 < nmix; m0 += 3 * (HCF_THREADS / 32)) {
+        float acc[3][HCF_ROWS];
+#pragma unroll
+        for (int j = 0; j < 3; j++)
+#pragma unroll
+            for (int r = 0; r < HCF_ROWS; r++)
+                acc[j][r] = 0.0f;
+        for (int k = k0 + lane; k < k0 + sl; k += 32) {
+            float f[3];
+#pragma unroll
+            for (int j = 0; j < 3; j++) {
+                int m = m0 + j * (HCF_THREADS / 32);
+                f[j] = m < nmix ? fn[(size_t)m * len + k] : 0.0f;
+            }
+#pragma unroll
+            for (int r = 0; r < HCF_ROWS; r++) {
+                float x = r < nr ? X[(size_t)(t0 + r) * len + k] : 0.0f;
+#pragma unroll
+                for (int j = 0; j < 3; j++)
+                    acc[j][r] += f[j] * x;
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < 3; j++)
+#pragma unroll
+            for (int r = 0; r < HCF_ROWS; r++) {
+                float v = acc[j][r];
+                for (int o = 16; o; o >>= 1)
+                    v += __shfl_xor_sync(0xffffffffu, v, o);
+                int m = m0 + j * (HCF_THREADS / 32);
+                if (lane == 0 && m < nmix && r < nr)
+                    part[((size_t)(t0 + r) * HCF_SLICES + s) * nmix + m] = v;
+            }
+    }
+}
+
+/*
+ * One row per block: the mix (the slices summed in order) times the row's rsqrt(mean(X^2) +
+ * eps), then the gates (pre, post, comb; head == 0) or the head's pre only (head == 1), then
+ * u = sum_k pre[k] X[k] and RMSNorm(w) into out (T, d).
+ */
+__global__ void hcf_finish_k(const float *__restrict__ X, int n, int d,
+                             const float *__restrict__ part, int nmix,
+                             const float *__restrict__ base, const float *__restrict__ scale,
+                             int iters, float hc_eps, float norm_eps, const float *__restrict__ w,
+                             int head, float *__restrict__ out, float *__restrict__ post_out,
+                             float *__restrict__ comb_out)
+{
+    __shared__ float sm[32], mix[HCF_MIXMAX], pre[HCF_MAX], comb[HCF_MAX * HCF_MAX];
+    extern __shared__ __align__(16) float u[]; /* (d) */
+    const int i = blockIdx.x, len = n * d;
+    const float *Xt = X + (size_t)i * len;
+    float ss = 0.0f;
+    for (int k = threadIdx.x; k < len; k += blockDim.x)
+        ss += Xt[k] * Xt[k];
+    const float red = 1.0f / sqrtf(hcf_block_sum(ss, sm) / (float)len + norm_eps);
+    for (int m = threadIdx.x; m < nmix; m += blockDim.x) {
+        const float *p = part + (size_t)i * HCF_SLICES * nmix + m;
+        float v = 0.0f;
+        for (int s = 0; s < HCF_SLICES; s++)
+            v += p[(size_t)s * nmix];
+        mix[m] = v * red;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        if (head)
+            for (int k = 0; k < n; k++)
+                pre[k] = ex_sigmoid(mix[k] * scale[0] + base[k]) + hc_eps;
+        else
+            ex_hc_gates(mix, n, base, scale, iters, hc_eps, pre, post_out + (size_t)i * n, comb,
+                        comb_out + (size_t)i * n * n);
+    }
+    __syncthreads();
+    float us = 0.0f;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        float acc = 0;
+        for (int k = 0; k < n; k++)
+            acc += pre[k] * Xt[(size_t)k * d + c];
+        u[c] = acc;
+        us += acc * acc;
+    }
+    const float r = 1.0f / sqrtf(hcf_block_sum(us, sm) / (float)d + norm_eps);
+    for (int c = threadIdx.x; c < d; c += blockDim.x)
+        out[(size_t)i * d + c] = w ? w[c] * (u[c] * r) : u[c] * r;
+}
+
+/* The rows the head reads, gathered: G (nsel, len) = X rows[i]. */
+__global__ void hcf_gather_k(const float *__restrict__ X, const int32_t *__restrict__ rows, int len,
+                             float *__restrict__ G)
+{
+    const float *src = X + (size_t)rows[blockIdx.y] * len;
+    for (int k = blockIdx.x * blockDim.x + threadIdx.x; k < len; k += gridDim.x * blockDim.x)
+        G[(size_t)blockIdx.y * len + k] = src[k];
+}
+
+/* mix projection + finish over T rows of X. */
+static int hcf_run(const float *X, int T, int n, int d, const float *fn, int nmix,
+                   const float *base, const float *scale, int iters, float hc_eps, float norm_eps,
+                   const float *w, int head, float *part, float *out, float *post, float *comb,
+                   cudaStream_t st)
+{
+    const int len = n * d;
+    if (n > HCF_MAX || n < 1 || len % HCF_SLICES || (T + HCF_ROWS - 1) / HCF_ROWS > 65535)
+        return ERR_UNSUPPORTED;
+    if (T <= 0)
+        return 0;
+    hcf_mix_part_k<<<dim3(HCF_SLICES, (unsigned)((T + HCF_ROWS - 1) / HCF_ROWS)), HCF_THREADS, 0,
+                     st>>>(X, T, len, fn, nmix, part);
+    EX_LAUNCH_CHECK();
+    hcf_finish_k<<<T, HCF_THREADS, sizeof(float) * (size_t)d, st>>>(
+        X, n, d, part, nmix, base, scale, iters, hc_eps, norm_eps, w, head, out, post, comb);
+    EX_LAUNCH_CHECK();
+    return 0;
+}
+
+extern "C" size_t kern_hc_fast_ws_floats(int T, int n_hc)
+{
+    return (size_t)T * HCF_SLICES * (2 + n_hc) * n_hc;
+}
+
+extern "C" int kern_hc_pre_fast(const float *X, int T, int n_hc, int d, const float *fn,
+                                const float *base, const float *scale, int iters, float hc_eps,
+                                float norm_eps, const float *norm_w, float *ws, float *x,
+                                float *post, float *comb, cudaStream_t st)
+{
+    return hcf_run(X, T, n_hc, d, fn, (2 + n_hc) * n_hc, base, scale, iters, hc_eps, norm_eps,
+                   norm_w, 0, ws, x, post, comb, st);
+}
+
+extern "C" int kern_hc_head_fast(const float *X, const int32_t *rows, int nsel, int n_hc, int d,
+                                 const float *fn, const float *base, const float *scale,
+                                 float hc_eps, float norm_eps, const float *norm_w,
+                                 float *gather_ws, float *ws, float *y, cudaStream_t st)
+{
+    if (nsel <= 0)
+        return 0;
+    if (nsel > 65535)
+        return ERR_UNSUPPORTED;
+    const int len = n_hc * d;
+    hcf_gather_k<<<dim3(16, (unsigned)nsel), HCF_THREADS, 0, st>>>(X, rows, len, gather_ws);
+    EX_LAUNCH_CHECK();
+    return hcf_run(gather_ws, nsel, n_hc, d, fn, n_hc, base, scale, 0, hc_eps, norm_eps, norm_w, 1,
+                   ws, y, NULL, NULL, st);
+}
