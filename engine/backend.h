@@ -15,15 +15,27 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/*
+ * A token a backend with device_sampling picks itself, so the caller needs no logits row:
+ * temperature <= 0: the argmax (the lowest id among equal maxima); else the draw u in [0, 1)
+ * from softmax(logits / temperature) restricted by min_p, top_k and top_p with the rules of
+ * engine/sampler.h (the draw may walk the kept tokens in another order than the host sampler:
+ * the same distribution).
+ */
+struct backend_pick {
+    float temperature, top_p, min_p, u;
+    int top_k;     /* <= 0: off */
+    int32_t token; /* out */
+};
+
 struct backend_seq {
     int slot;
     const int32_t *tokens; /* (n) at the slot's next positions */
     int n;
-    int want_logits;       /* a logits row for the last token */
-    /* Backends with device_greedy: when non-NULL (with want_logits), the caller only needs the
-     * argmax of that row (the lowest id among equal maxima): the backend writes it here and may
-     * leave the row's place in logits unwritten. Other backends ignore it. */
-    int32_t *greedy_out;
+    int want_logits; /* a logits row for the last token */
+    /* Backends with device_sampling: when non-NULL (with want_logits) the backend picks the
+     * token (pick->token) and may leave the row's place in logits unwritten. Others ignore it. */
+    struct backend_pick *pick;
 };
 
 struct backend;
@@ -49,9 +61,9 @@ struct backend {
     int n_blocks;
     int vocab_size;
     int eos_token_id;
-    size_t block_bytes; /* bytes of one block */
-    size_t state_bytes; /* bytes of one slot's fixed state */
-    int device_greedy;  /* honours backend_seq.greedy_out */
+    size_t block_bytes;  /* bytes of one block */
+    size_t state_bytes;  /* bytes of one slot's fixed state */
+    int device_sampling; /* honours backend_seq.pick */
     void *impl;
 };
 

@@ -131,7 +131,7 @@ enum {
 
 /* A captured decode step: B rows, launch sizes for positions up to PB. */
 struct cuda_graph {
-    int B, PB, logits; /* logits: the graph copies the logits rows (else only greedy tokens) */
+    int B, PB, logits; /* logits: the graph copies the logits rows (else only picked tokens) */
     void *exec;        /* owned (kern_graph_free) */
 };
 #define CUDA_MAX_GRAPHS 64
@@ -175,7 +175,7 @@ struct cuda_impl {
     float *logits_d;        /* (n_slots, V) owned */
     float *logits_split;    /* (2 n_slots, V) hi/lo head results (fast path), owned */
     float *out_h;           /* (n_slots, V) pinned host: the logits of graph steps, owned */
-    int32_t *tok_d, *tok_h; /* (n_slots) greedy tokens: device, pinned host; owned */
+    int32_t *tok_d, *tok_h; /* (n_slots) picked tokens: device, pinned host; owned */
     int graphs;             /* decode steps replay CUDA graphs (DSV4_CUDA_GRAPHS=0: off) */
     struct cuda_graph graph[CUDA_MAX_GRAPHS];
     int n_graphs;
@@ -1069,10 +1069,11 @@ static int meta_reserve(struct cuda_impl *ci, size_t ints)
 /*
  * Enqueue one step: the batch description (meta_ints int32s from pinned memory), the walk,
  * and (nsel > 0) the head of the rows listed in rows_d, whose logits land in out (host; NULL:
- * not copied) and, with greedy, whose argmax tokens land in tok_h.
+ * not copied) and, with picks (device: one struct kern_pick per row), whose picked tokens land
+ * in tok_h.
  */
 static int enqueue_step(struct cuda_impl *ci, const struct kern_batch *b, size_t meta_ints,
-                        int nsel, const int32_t *rows_d, float *out, int greedy)
+                        int nsel, const int32_t *rows_d, float *out, const struct kern_pick *picks)
 {
     const struct dsv4_config *c = &ci->m->cfg;
     struct scratch *s = &ci->s;
@@ -1095,8 +1096,9 @@ static int enqueue_step(struct cuda_impl *ci, const struct kern_batch *b, size_t
                                   ci->hc_head.scale, (float)c->hc_eps, (float)c->rms_norm_eps,
                                   ci->norm, s->X2, s->mix, s->y, ci->stream));
         TRY(lin(ci, &ci->head, s->y, nsel, ACT_F32, NULL, ci->logits_d));
-        if (greedy) {
-            TRY(kern_argmax_rows(ci->logits_d, nsel, c->vocab_size, ci->tok_d, ci->stream));
+        if (picks) {
+            TRY(kern_sample_rows(ci->logits_d, nsel, c->vocab_size, picks, ci->logits_split,
+                                 ci->tok_d, ci->stream));
             TRY(kern_d2h_async(ci->tok_h, ci->tok_d, sizeof(int32_t) * (size_t)nsel, ci->stream));
         }
         if (out)
@@ -1121,7 +1123,7 @@ static int cuda_step(struct backend *bk, const struct backend_seq *seqs, int nse
 {
     struct cuda_impl *ci = bk->impl;
     const struct dsv4_config *c = &ci->m->cfg;
-    int T = 0, nsel = 0, need = 0, max_pos = 0, max_n = 0, total_bt = 0, decode = 1, greedy = 0;
+    int T = 0, nsel = 0, need = 0, max_pos = 0, max_n = 0, total_bt = 0, decode = 1, picked = 0;
     int rows_lg = 0;
     int rc;
     if (nseq <= 0)
@@ -1150,8 +1152,8 @@ static int cuda_step(struct backend *bk, const struct backend_seq *seqs, int nse
         T += q->n;
         max_n = q->n > max_n ? q->n : max_n;
         nsel += q->want_logits != 0;
-        greedy |= q->want_logits && q->greedy_out;
-        rows_lg |= q->want_logits && !q->greedy_out;
+        picked |= q->want_logits && q->pick;
+        rows_lg |= q->want_logits && !q->pick;
         decode &= q->n == 1 && q->want_logits;
         if (sl->pos + q->n > max_pos)
             max_pos = (int)(sl->pos + q->n);
@@ -1186,12 +1188,15 @@ static int cuda_step(struct backend *bk, const struct backend_seq *seqs, int nse
     }
     /* the batch description; in a graph bucket the offsets depend on B only (bt last) */
     const int NS = B ? B : nseq;
-    size_t meta_ints = (size_t)3 * T + (size_t)4 * NS + (size_t)nsel + (size_t)total_bt;
+    const size_t PK = sizeof(struct kern_pick) / 4; /* int32 words per pick */
+    size_t meta_ints = (size_t)3 * T + (size_t)4 * NS + (size_t)nsel * (1 + PK) + (size_t)total_bt;
     if ((rc = meta_reserve(ci, meta_ints)) || (rc = scratch_reserve(ci, T, max_pos / 4 + 1)))
         return rc;
     int32_t *mh = ci->meta_h, *md = ci->meta_d;
     int32_t *tok = mh, *rseq = tok + T, *rpos = rseq + T, *srow0 = rpos + T, *sn = srow0 + NS;
-    int32_t *sslot = sn + NS, *sbt = sslot + NS, *rows = sbt + NS, *bt = rows + nsel;
+    int32_t *sslot = sn + NS, *sbt = sslot + NS, *rows = sbt + NS, *pkw = rows + nsel;
+    int32_t *bt = pkw + (size_t)nsel * PK;
+    struct kern_pick *pk = (struct kern_pick *)pkw; /* (nsel) rows without a pick: argmax */
     int row = 0, bo = 0, ns = 0;
     for (int i = 0; i < nseq; i++) {
         const struct backend_seq *q = &seqs[i];
@@ -1207,8 +1212,12 @@ static int cuda_step(struct backend *bk, const struct backend_seq *seqs, int nse
             rseq[row] = i;
             rpos[row] = (int32_t)(sl->pos + j);
         }
-        if (q->want_logits)
+        if (q->want_logits) {
+            const struct backend_pick *k = q->pick;
+            pk[ns] = k ? (struct kern_pick){k->temperature, k->top_p, k->min_p, k->u, k->top_k}
+                       : (struct kern_pick){0, 1, 0, 0, 0};
             rows[ns++] = row - 1;
+        }
     }
     if (B) { /* padding rows: the spare slot (n_slots) and the spare block (n_blocks) */
         bt[bo] = bk->n_blocks;
@@ -1220,6 +1229,7 @@ static int cuda_step(struct backend *bk, const struct backend_seq *seqs, int nse
             tok[row] = -1;
             rseq[row] = i;
             rpos[row] = 0;
+            pk[ns] = (struct kern_pick){0, 1, 0, 0, 0};
             rows[ns++] = row;
         }
     }
@@ -1236,6 +1246,7 @@ static int cuda_step(struct backend *bk, const struct backend_seq *seqs, int nse
                            max_pos,
                            max_n};
     const int32_t *rows_d = md + (rows - mh);
+    const struct kern_pick *picks_d = (const struct kern_pick *)(md + (pkw - mh));
     if (B) {
         struct cuda_graph *g = NULL;
         for (int i = 0; i < ci->n_graphs && !g; i++)
@@ -1246,9 +1257,10 @@ static int cuda_step(struct backend *bk, const struct backend_seq *seqs, int nse
                 graphs_clear(ci);
             g = &ci->graph[ci->n_graphs];
             if ((rc = kern_graph_begin(ci->stream)))
-                return err_setf(ERR_CUDA, "cuda backend: graph capture: %s", kern_last_error());
-            /* the graph always picks greedy tokens; it copies logits rows if any row wants them */
-            rc = enqueue_step(ci, &b, meta_ints, nsel, rows_d, rows_lg ? ci->out_h : NULL, 1);
+                return err_setf(ERR_CUDA, "cuda backend: graph capture: %s",
+                                kern_last_error()); /* the graph always picks tokens; it copies
+                                                       logits rows if any row wants them */
+            rc = enqueue_step(ci, &b, meta_ints, nsel, rows_d, rows_lg ? ci->out_h : NULL, picks_d);
             void *exec = NULL;
             int rc2 = kern_graph_end(ci->stream, &exec);
             if (rc)
@@ -1262,12 +1274,13 @@ static int cuda_step(struct backend *bk, const struct backend_seq *seqs, int nse
         if ((rc = kern_graph_launch(g->exec, ci->stream)) || (rc = kern_stream_sync(ci->stream)))
             return err_setf(ERR_CUDA, "cuda backend: step (graph of %d rows): %s", B,
                             kern_last_error());
-        for (int i = 0; i < nseq && rows_lg; i++) /* the rows that are not greedy */
-            if (!seqs[i].greedy_out)
+        for (int i = 0; i < nseq && rows_lg; i++) /* the rows without a pick */
+            if (!seqs[i].pick)
                 memcpy(logits + (size_t)i * c->vocab_size, ci->out_h + (size_t)i * c->vocab_size,
                        sizeof(float) * (size_t)c->vocab_size);
     } else {
-        if ((rc = enqueue_step(ci, &b, meta_ints, nsel, rows_d, rows_lg ? logits : NULL, greedy)))
+        if ((rc = enqueue_step(ci, &b, meta_ints, nsel, rows_d, rows_lg ? logits : NULL,
+                               picked ? picks_d : NULL)))
             return rc;
         if ((rc = kern_stream_sync(ci->stream)))
             return kfail(rc, "step", -1, T);
@@ -1276,8 +1289,8 @@ static int cuda_step(struct backend *bk, const struct backend_seq *seqs, int nse
     }
     for (int i = 0, r = 0; i < nseq; i++) {
         ci->slots[seqs[i].slot].pos += seqs[i].n;
-        if (seqs[i].want_logits && seqs[i].greedy_out)
-            *seqs[i].greedy_out = ci->tok_h[r];
+        if (seqs[i].want_logits && seqs[i].pick)
+            seqs[i].pick->token = ci->tok_h[r];
         r += seqs[i].want_logits != 0;
     }
     return 0;
@@ -1330,14 +1343,12 @@ static int cuda_slot_fork(struct backend *bk, int dst, int src)
         int32_t nb = block_take(ci);
         sd->blocks[sd->n_blocks++] = nb;
         if ((rc = kern_d2d_async(ci->cache.blocks + (size_t)nb * bb,
-                                 ci->cache.blocks + (size_t)ss->blocks[full] * bb,
-                                 bb, ci->stream)))
+                                 ci->cache.blocks + (size_t)ss->blocks[full] * bb, bb, ci->stream)))
             return err_setf(ERR_CUDA, "cuda backend: fork copy: %s", kern_last_error());
     }
     const size_t sb = ci->cache.slot_bytes;
-    if ((rc =
-             kern_d2d_async(ci->cache.state + (size_t)dst * sb, ci->cache.state + (size_t)src * sb,
-                            sb, ci->stream)))
+    if ((rc = kern_d2d_async(ci->cache.state + (size_t)dst * sb, ci->cache.state + (size_t)src * sb,
+                             sb, ci->stream)))
         return err_setf(ERR_CUDA, "cuda backend: fork copy: %s", kern_last_error());
     sd->pos = ss->pos;
     return 0;
@@ -1442,7 +1453,7 @@ int backend_cuda_new_opts(struct backend **out, struct dsv4_model *m,
     bk->n_slots = n_slots;
     bk->vocab_size = c->vocab_size;
     bk->eos_token_id = c->eos_token_id;
-    bk->device_greedy = 1;
+    bk->device_sampling = 1;
     ci->m = m;
     ci->quant = m->numerics == DSV4_NUMERICS_MODEL;
     ci->exact = o->exact;
@@ -1489,8 +1500,10 @@ int backend_cuda_new_opts(struct backend **out, struct dsv4_model *m,
     cache_layout(ci, &slot_b, &block_b);
     const size_t V = (size_t)c->vocab_size, F = sizeof(float);
     const int ld0 = o->max_model_len / 4 + 1;
-    const size_t scratch = scratch_layout(ci, o->max_step_tokens, ld0, NULL, NULL);
-    const size_t logits = F * V * (size_t)n_slots * (ci->exact ? 1 : 3); /* + pinned host copy */
+    const size_t scratch = scratch_layout(
+        ci, o->max_step_tokens, ld0, NULL,
+        NULL); /* rows, hi/lo halves (also the sampler's workspace); + a pinned host copy */
+    const size_t logits = F * V * (size_t)n_slots * 3;
     const size_t blas_ws = ci->exact ? 0 : (size_t)32 << 20;
     /* one spare slot and block beyond those counted: the padding rows of graph steps */
     const size_t state = slot_b * (size_t)(n_slots + 1);
@@ -1585,8 +1598,7 @@ int backend_cuda_new_opts(struct backend **out, struct dsv4_model *m,
         if ((rc = slot_clear_state(ci, i)))
             goto fail;
     if ((rc = kern_malloc((void **)&ci->logits_d, F * (size_t)n_slots * V)) ||
-        (!ci->exact &&
-         (rc = kern_malloc((void **)&ci->logits_split, 2 * F * (size_t)n_slots * V))) ||
+        (rc = kern_malloc((void **)&ci->logits_split, 2 * F * (size_t)n_slots * V)) ||
         (rc = kern_host_alloc((void **)&ci->out_h, F * (size_t)n_slots * V)) ||
         (rc = kern_host_alloc((void **)&ci->tok_h, sizeof(int32_t) * (size_t)n_slots)) ||
         (rc = kern_malloc((void **)&ci->tok_d, sizeof(int32_t) * (size_t)n_slots))) {

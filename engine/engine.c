@@ -27,40 +27,40 @@ enum seq_phase { SEQ_WAITING, SEQ_RUNNING, SEQ_DONE };
 struct seq {
     struct engine_req *req;
     int choice;
-    int slot;                  /* -1 while not holding one */
-    int32_t *tokens;           /* (cap) prompt + generated */
+    int slot;        /* -1 while not holding one */
+    int32_t *tokens; /* (cap) prompt + generated */
     int n_tokens, cap;
-    long n_computed;           /* tokens fed into the slot's cache */
+    long n_computed; /* tokens fed into the slot's cache */
     int generated;
     enum seq_phase phase;
-    int fork_pending;          /* choice > 0 waiting to copy choice 0's prefill */
+    int fork_pending; /* choice > 0 waiting to copy choice 0's prefill */
     uint64_t admit_order;
     struct sampler_rng rng;
     struct sampler_counts counts;
     struct tok_stream detok;
-    struct tbuf held;          /* detokenized text held back for stop-string matching */
-    int scheduled;             /* tokens fed in the current step */
+    struct tbuf held; /* detokenized text held back for stop-string matching */
+    int scheduled;    /* tokens fed in the current step */
 };
 
 struct engine_req {
     atomic_int refs;
-    atomic_int *live;          /* the engine's live-request counter */
+    atomic_int *live; /* the engine's live-request counter */
     atomic_int cancel;
     struct engine *e;
-    struct engine_params p;    /* pointer fields point at the copies below */
+    struct engine_params p; /* pointer fields point at the copies below */
     int32_t *prompt;
     int32_t *stop_ids;
     char **stop;
     struct engine_logit_bias *bias;
-    struct seq *seqs;          /* (n) */
+    struct seq *seqs; /* (n) */
     double t_submit, t_first_sched;
     uint64_t arrival;
-    int finished;              /* choices finished (engine thread) */
-    pthread_mutex_t mu;        /* guards the event ring and consumer_done */
+    int finished;       /* choices finished (engine thread) */
+    pthread_mutex_t mu; /* guards the event ring and consumer_done */
     struct engine_event *ev;
     int ev_head, ev_count, ev_cap;
-    int all_finished;          /* every FINISH event has been queued */
-    struct engine_req *next;   /* submit list */
+    int all_finished;        /* every FINISH event has been queued */
+    struct engine_req *next; /* submit list */
 };
 
 struct engine {
@@ -76,20 +76,20 @@ struct engine {
     struct engine_req *graveyard; /* engine thread: freed at the end of the loop iteration */
     int stopping;
     atomic_int draining;
-    atomic_int n_waiting;      /* requests queued or waiting for admission */
+    atomic_int n_waiting; /* requests queued or waiting for admission */
     atomic_long queued_tokens;
     uint64_t next_arrival;
     /* engine thread only */
     struct seq **running;
     int n_running;
-    struct seq **waiting;      /* ordered by (priority, arrival, choice) */
+    struct seq **waiting; /* ordered by (priority, arrival, choice) */
     int n_wait, cap_wait;
     int *free_slots;
     int n_free_slots;
     uint64_t admit_counter;
-    float *logits;             /* (max_num_seqs, V) */
-    int32_t *greedy;           /* (max_num_seqs) tokens picked by a device_greedy backend */
-    float *raw;                /* (V) copy for logprobs */
+    float *logits;              /* (max_num_seqs, V) */
+    struct backend_pick *picks; /* (max_num_seqs) tokens picked by a device_sampling backend */
+    float *raw;                 /* (V) copy for logprobs */
     void *work;
     struct backend_seq *batch;
     struct seq **batch_seq;
@@ -98,7 +98,7 @@ struct engine {
     atomic_long st_usage_ppm;
     atomic_long st_prompt_tokens, st_gen_tokens, st_preempt, st_steps;
     atomic_int st_failed;
-    atomic_int live;           /* requests allocated and not yet freed */
+    atomic_int live; /* requests allocated and not yet freed */
 };
 
 static double now_s(void)
@@ -271,8 +271,8 @@ static int validate(const struct engine *e, const struct engine_params *p)
     if ((p->detokenize || p->n_stop) && !e->tok)
         return err_setf(ERR_INVAL, "detokenization needs a tokenizer");
     const struct engine_sampling *s = &p->sampling;
-    if (!(s->temperature >= 0) || !(s->top_p > 0 && s->top_p <= 1) || !(s->min_p >= 0 && s->min_p <= 1) ||
-        !(s->repetition_penalty > 0))
+    if (!(s->temperature >= 0) || !(s->top_p > 0 && s->top_p <= 1) ||
+        !(s->min_p >= 0 && s->min_p <= 1) || !(s->repetition_penalty > 0))
         return err_setf(ERR_INVAL, "sampling parameters out of range");
     return 0;
 }
@@ -415,7 +415,8 @@ static void wait_remove(struct engine *e, struct seq *s)
 {
     for (int i = 0; i < e->n_wait; i++)
         if (e->waiting[i] == s) {
-            memmove(e->waiting + i, e->waiting + i + 1, sizeof *e->waiting * (size_t)(e->n_wait - i - 1));
+            memmove(e->waiting + i, e->waiting + i + 1,
+                    sizeof *e->waiting * (size_t)(e->n_wait - i - 1));
             e->n_wait--;
             return;
         }
@@ -461,16 +462,20 @@ static void finish_seq(struct engine *e, struct seq *s, enum engine_finish why, 
     if (r->p.detokenize && why != ENGINE_FINISH_ABORT && why != ENGINE_FINISH_ERROR) {
         tok_stream_flush(&s->detok, &s->held);
         if (s->held.len) {
-            struct engine_event tev = {.type = ENGINE_EV_TOKEN, .choice = s->choice, .t = now_s(),
-                                       .token = -1};
+            struct engine_event tev = {
+                .type = ENGINE_EV_TOKEN, .choice = s->choice, .t = now_s(), .token = -1};
             tev.text = tbuf_take(&s->held, &tev.text_len);
             push_event(r, &tev, 0);
         }
     }
     struct engine_event ev = {.type = err ? ENGINE_EV_ERROR : ENGINE_EV_FINISH,
-                              .choice = s->choice, .t = now_s(), .finish = why,
-                              .stop_token = stop_token, .prompt_tokens = r->p.n_prompt,
-                              .completion_tokens = s->generated, .err = err};
+                              .choice = s->choice,
+                              .t = now_s(),
+                              .finish = why,
+                              .stop_token = stop_token,
+                              .prompt_tokens = r->p.n_prompt,
+                              .completion_tokens = s->generated,
+                              .err = err};
     ev.queue_time = r->t_first_sched > 0 ? r->t_first_sched - r->t_submit : now_s() - r->t_submit;
     if (stop_str)
         ev.stop_str = strdup(stop_str);
@@ -671,8 +676,12 @@ static int accept_token(struct engine *e, struct seq *s, int32_t tok, float lp, 
         finish_seq(e, s, ENGINE_FINISH_STOP, tok, NULL, 0, NULL);
         return 1;
     }
-    struct engine_event ev = {.type = ENGINE_EV_TOKEN, .choice = s->choice, .t = now_s(),
-                              .token = tok, .logprob = lp, .n_top = n_top};
+    struct engine_event ev = {.type = ENGINE_EV_TOKEN,
+                              .choice = s->choice,
+                              .t = now_s(),
+                              .token = tok,
+                              .logprob = lp,
+                              .n_top = n_top};
     if (n_top)
         memcpy(ev.top, top, sizeof *top * (size_t)n_top);
     const char *matched = NULL;
@@ -697,7 +706,8 @@ static int accept_token(struct engine *e, struct seq *s, int32_t tok, float lp, 
                 for (int i = 0; i < p->n_stop; i++) {
                     size_t sl = strlen(p->stop[i]);
                     for (size_t k = sl - 1; k > keep; k--)
-                        if (k <= s->held.len && !memcmp(s->held.s + s->held.len - k, p->stop[i], k)) {
+                        if (k <= s->held.len &&
+                            !memcmp(s->held.s + s->held.len - k, p->stop[i], k)) {
                             keep = k;
                             break;
                         }
@@ -762,18 +772,28 @@ static int blocks_available(struct engine *e)
 }
 
 /*
- * Can the backend pick this sequence's next token itself? Plain greedy decoding: temperature 0
- * and nothing that needs the logits row (bias, penalties, logprobs, or a prefill that n > 1
- * choices fork from).
+ * Can the backend pick this sequence's next token itself? When nothing needs the logits row on
+ * the host (logit bias, penalties, logprobs, or a prefill that n > 1 choices fork from). Then
+ * the sequence's uniform for this token is drawn now (sampler_sample draws one per token too,
+ * so the stream stays aligned) and goes with the sampling parameters to the backend.
  */
-static int greedy_on_device(const struct engine *e, const struct seq *s)
+static struct backend_pick *pick_on_device(struct engine *e, struct seq *s, int i)
 {
     const struct engine_params *p = &s->req->p;
     const struct engine_sampling *sp = &p->sampling;
-    return e->be->device_greedy && sp->temperature <= 0.0f && sp->n_logit_bias == 0 &&
-           sp->presence_penalty == 0 && sp->frequency_penalty == 0 &&
-           (sp->repetition_penalty <= 0 || sp->repetition_penalty == 1.0f) && p->logprobs < 0 &&
-           !(p->n > 1 && s->choice == 0 && s->generated == 0);
+    if (!e->be->device_sampling || sp->n_logit_bias != 0 || sp->presence_penalty != 0 ||
+        sp->frequency_penalty != 0 ||
+        (sp->repetition_penalty > 0 && sp->repetition_penalty != 1.0f) || p->logprobs >= 0 ||
+        (p->n > 1 && s->choice == 0 && s->generated == 0))
+        return NULL;
+    struct backend_pick *k = &e->picks[i];
+    k->temperature = sp->temperature;
+    k->top_p = sp->top_p;
+    k->min_p = sp->min_p;
+    k->top_k = sp->top_k;
+    k->u = (float)sampler_uniform(&s->rng);
+    k->token = -1;
+    return k;
 }
 
 static int step(struct engine *e)
@@ -829,7 +849,7 @@ static int step(struct engine *e)
             continue;
         int want = s->n_computed + s->scheduled == s->n_tokens;
         e->batch[nb] = (struct backend_seq){s->slot, s->tokens + s->n_computed, s->scheduled, want,
-                                            want && greedy_on_device(e, s) ? &e->greedy[nb] : NULL};
+                                            want ? pick_on_device(e, s, nb) : NULL};
         e->batch_seq[nb++] = s;
     }
     atomic_store(&e->st_running, e->n_running);
@@ -852,16 +872,16 @@ static int step(struct engine *e)
         int want = e->batch[i].want_logits;
         long prompt_left = s->req->p.n_prompt - s->n_computed;
         if (prompt_left > 0)
-            atomic_fetch_add(&e->st_prompt_tokens, prompt_left < s->scheduled ? prompt_left : s->scheduled);
+            atomic_fetch_add(&e->st_prompt_tokens,
+                             prompt_left < s->scheduled ? prompt_left : s->scheduled);
         s->n_computed += s->scheduled;
         s->scheduled = 0;
         if (!want)
             continue;
         const float *lrow = e->logits + (size_t)row++ * V;
         struct engine_req *r = s->req;
-        if (e->batch[i].greedy_out) { /* the backend took the argmax: no logits row */
-            (void)sampler_uniform(&s->rng); /* one draw per token, as sampler_sample */
-            accept_token(e, s, e->greedy[i], 0, 0, NULL);
+        if (e->batch[i].pick) { /* the backend picked it: no logits row */
+            accept_token(e, s, e->batch[i].pick->token, 0, 0, NULL);
             continue;
         }
         if (s->choice == 0 && s->generated == 0)
@@ -962,14 +982,13 @@ int engine_new_with_backend(struct engine **out, struct backend *be, const struc
     e->running = calloc((size_t)c->max_num_seqs, sizeof *e->running);
     e->free_slots = malloc(sizeof *e->free_slots * (size_t)c->max_num_seqs);
     e->logits = malloc(sizeof(float) * (size_t)V * (size_t)c->max_num_seqs);
-    e->greedy = malloc(sizeof *e->greedy * (size_t)c->max_num_seqs);
+    e->picks = malloc(sizeof *e->picks * (size_t)c->max_num_seqs);
     e->raw = malloc(sizeof(float) * (size_t)V);
     e->work = malloc(sampler_work_bytes(V));
     e->batch = calloc((size_t)c->max_num_seqs, sizeof *e->batch);
     e->batch_seq = calloc((size_t)c->max_num_seqs, sizeof *e->batch_seq);
-    if (!e->running || !e->free_slots || !e->logits || !e->greedy || !e->raw || !e->work ||
-        !e->batch ||
-        !e->batch_seq) {
+    if (!e->running || !e->free_slots || !e->logits || !e->picks || !e->raw || !e->work ||
+        !e->batch || !e->batch_seq) {
         engine_free(e);
         return err_setf(ERR_NOMEM, "engine: out of memory");
     }
@@ -1006,7 +1025,8 @@ int engine_new(struct engine **out, struct dsv4_model *m, const struct tokenizer
     engine_config_defaults(&c);
     if (cfg)
         c = *cfg;
-    if ((rc = engine_config_resolve(&c, m)) || (rc = backend_cpu_new(&be, m, c.max_num_seqs, c.n_blocks)))
+    if ((rc = engine_config_resolve(&c, m)) ||
+        (rc = backend_cpu_new(&be, m, c.max_num_seqs, c.n_blocks)))
         return rc;
     return engine_new_with_backend(out, be, tok, &c);
 }
@@ -1046,7 +1066,7 @@ void engine_free(struct engine *e)
     free(e->waiting);
     free(e->free_slots);
     free(e->logits);
-    free(e->greedy);
+    free(e->picks);
     free(e->raw);
     free(e->work);
     free(e->batch);

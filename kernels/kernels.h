@@ -413,15 +413,23 @@ int kern_hc_head_fast(const float *X, const int32_t *rows, int nsel, int n_hc, i
                       const float *fn, const float *base, const float *scale, float hc_eps,
                       float norm_eps, const float *norm_w, float *gather_ws, float *ws, float *y,
                       struct CUstream_st *stream);
-/* out[i] = argmax of logits row i (n rows of V), the lowest id among equal maxima (as the host
- * sampler's greedy argmax: a strict > scan). */
-int kern_argmax_rows(const float *logits, int n, int V, int32_t *out, struct CUstream_st *stream);
 /* ws: device workspace (ws_bytes, e.g. 32 MiB) owned by the caller, or NULL for cuBLAS's own. */
 int kern_blas_new(struct kern_blas **out, struct CUstream_st *stream, void *ws, size_t ws_bytes);
 void kern_blas_free(struct kern_blas *b); /* NULL-safe */
 /* y[t*ldy + r] = sum_c W[r][c] xb[t*ldx + c], W (rows, cols) BF16, FP32 sums (cuBLAS). */
 int kern_blas_gemm_bf16(struct kern_blas *b, const uint16_t *W, int rows, int cols,
                         const uint16_t *xb, int ldx, int T, float *y, int ldy);
+
+/* -- sample.cu: picking tokens on the device -- */
+/* A row's sampling (engine/backend.h struct backend_pick): temperature <= 0: argmax. */
+struct kern_pick {
+    float temperature, top_p, min_p, u;
+    int32_t top_k;
+};
+/* out[i] = the token picked from logits row i (n rows of V) under picks[i] (device array);
+ * pbuf: (n, V) floats workspace. */
+int kern_sample_rows(const float *logits, int n, int V, const struct kern_pick *picks, float *pbuf,
+                     int32_t *out, struct CUstream_st *stream);
 
 /* -- engine_rt.cu: streams, pinned host memory, asynchronous copies -- */
 int kern_stream_new(struct CUstream_st **out);

@@ -535,7 +535,8 @@ static int bench_decode(struct bench_ctx *c, int B)
     struct backend *bk = c->bk;
     const int S = o->steps;
     struct backend_seq *seqs = malloc(sizeof *seqs * (size_t)B);
-    int32_t *tok = malloc(sizeof *tok * (size_t)B), *picked = malloc(sizeof *picked * (size_t)B);
+    int32_t *tok = malloc(sizeof *tok * (size_t)B);
+    struct backend_pick *picked = calloc((size_t)B, sizeof *picked); /* temperature 0: argmax */
     double *st = malloc(sizeof *st * (size_t)S);
     struct bench_step_bytes sb = {0};
     const char *how = "prefill";
@@ -551,7 +552,7 @@ static int bench_decode(struct bench_ctx *c, int B)
     /* greedy: the backend takes each row's argmax on the device and returns only the ids (what
      * the server does for temperature-0 requests); full: every logits row comes back */
     const int greedy =
-        o->logits == BENCH_LOGITS_GREEDY || (o->logits == BENCH_LOGITS_AUTO && bk->device_greedy);
+        o->logits == BENCH_LOGITS_GREEDY || (o->logits == BENCH_LOGITS_AUTO && bk->device_sampling);
     for (int i = 0; i < B; i++)
         seqs[i] = (struct backend_seq){i, &tok[i], 1, 1, greedy ? &picked[i] : NULL};
     double sum = 0;

@@ -5,9 +5,11 @@
 #        build-cuda/serve-carry: the binary, the shared libraries the GPU machine may lack, the
 #        DeepSeek-V4 tokenizer.json)
 # There: sh tests/gpu/run_serve_device.sh [OUTDIR]  (with build-cuda/serve-carry carried)
-# Starts the tiny model on the GPU and on the CPU, sends the same greedy requests to both (the GPU
-# backend is bit-identical to the CPU one, so the texts must be equal), then measures streaming
-# TTFT / ITL and throughput on the GPU server with deploy/load/stream_bench.py. Loopback only.
+# Starts the tiny model on the GPU with the exact kernels (DSV4_CUDA_EXACT=1: bit-identical to the
+# CPU backend) and on the CPU, sends the same greedy requests to both (the texts must be equal),
+# then measures streaming TTFT / ITL and throughput on the GPU server with
+# deploy/load/stream_bench.py. Loopback only. (The fast path at the real widths is measured by
+# run_flash_device.sh; its agreement with the CPU is tested by test_gpu_engine.)
 set -u
 D=build-cuda/serve-carry
 if [ "${1:-}" = --pack ]; then
@@ -31,7 +33,7 @@ export DSV4D_TOKENIZER="$PWD/$D/tokenizer.json"
 nvidia-smi -L
 fail=0
 for m in flash pro; do
-    $D/dsv4d serve --model builtin:tiny-$m --device cuda --port 18180 --max-num-seqs 64 \
+    DSV4_CUDA_EXACT=1 $D/dsv4d serve --model builtin:tiny-$m --device cuda --port 18180 --max-num-seqs 64 \
         > "$O/serve-cuda-$m.log" 2>&1 &
     GPU=$!
     $D/dsv4d serve --model builtin:tiny-$m --device cpu --port 18181 --max-num-seqs 8 \

@@ -434,22 +434,37 @@ static void batch_test(struct backend *gb, const char *label, const int32_t *pro
         tap(rc == 0 && !memcmp(la, lb, sizeof(float) * (size_t)V) && shared == 1,
             "%s: forked slot decodes bit-identically (fork took %d new block)%s%s", label, shared,
             rc ? ": " : "", rc ? err_msg() : "");
-        /* device greedy: fork again; one step decodes both copies, one of them asking only for
-         * its argmax (backend_seq.greedy_out), which must be the argmax of the other's row */
-        int32_t g = -1, t2 = argmax(lb, V);
-        gb->ops->slot_reset(gb, 0);
+        /* device picks: fork slot 1 into 0, 2 and 3; one decode step of five identical rows
+         * (padded to an 8-row graph with rows of token -1): slot 0 asks only for its argmax
+         * (backend_seq.pick, temperature 0), which must be the argmax of slot 1's row; slot 2 for
+         * a top-5 draw, which must be one of that row's 5 best; slots 1, NBATCH + 1 and 3 return
+         * their rows, which must be bit-identical */
+        int32_t t2 = argmax(lb, V);
+        struct backend_pick g = {0, 1, 0, 0, 0, -1};
+        struct backend_pick d = {1.0f, 1, 0, (float)(rnd() % 1000) / 1000.0f, 5, -1};
+        for (int k = 0; k < 4 && !rc; k += k == 0 ? 2 : 1) { /* slots 0, 2, 3 */
+            gb->ops->slot_reset(gb, k);
+            rc = gb->ops->slot_fork(gb, k, 1);
+        }
+        struct backend_seq five[5] = {{0, &t2, 1, 1, &g},
+                                      {1, &t2, 1, 1, NULL},
+                                      {NBATCH + 1, &t2, 1, 1, NULL},
+                                      {2, &t2, 1, 1, &d},
+                                      {3, &t2, 1, 1, NULL}};
         if (!rc)
-            rc = gb->ops->slot_fork(gb, 0, 1);
-        /* three rows: a decode step pads them to 4 with a row of token -1 */
-        struct backend_seq three[3] = {
-            {0, &t2, 1, 1, &g}, {1, &t2, 1, 1, NULL}, {NBATCH + 1, &t2, 1, 1, NULL}};
-        if (!rc)
-            rc = gb->ops->step(gb, three, 3, lg);
-        tap(rc == 0 && g == argmax(lg + V, V) &&
-                !memcmp(lg + V, lg + 2 * (size_t)V, sizeof(float) * (size_t)V),
-            "%s: device greedy token %d == argmax %d of the same row's logits; equal rows of a "
+            rc = gb->ops->step(gb, five, 5, lg);
+        const float *r1 = lg + V;
+        int in_top5 = 0, better = 0;
+        for (int j = 0; !rc && j < V; j++)
+            better += r1[j] > r1[d.token > 0 && d.token < V ? d.token : 0];
+        in_top5 = !rc && d.token >= 0 && d.token < V && better < 5;
+        tap(rc == 0 && g.token == argmax(r1, V) && in_top5 &&
+                !memcmp(r1, lg + 2 * (size_t)V, sizeof(float) * (size_t)V) &&
+                !memcmp(r1, lg + 4 * (size_t)V, sizeof(float) * (size_t)V),
+            "%s: device picks: greedy %d == argmax %d, top-5 draw %d (rank %d); equal rows of a "
             "padded step bit-identical%s%s",
-            label, g, rc ? -1 : argmax(lg + V, V), rc ? ": " : "", rc ? err_msg() : "");
+            label, g.token, rc ? -1 : argmax(r1, V), d.token, better, rc ? ": " : "",
+            rc ? err_msg() : "");
         free(la);
         free(lb);
     }

@@ -10,6 +10,10 @@
  * ||y - ref|| / ||ref|| <= 3e-5 (FP32 accumulation over K <= 8192; 9.3e-6 seen on the wgmma
  * path, whose accumulation is not round-to-nearest). Split FP32 activations
  * keep 16 significant bits: <= 5e-5.
+ *
+ * Also the device sampler (kern_sample_rows): greedy rows must give the host's argmax; drawn rows
+ * a token of the host sampler's kept set (min-p, top-k, top-p with its tie rules) whose interval
+ * of the id-order cumulative mass holds u times the kept mass (within 1e-5 of the mass).
  */
 #include <math.h>
 #include <stdint.h>
@@ -196,6 +200,128 @@ static void test_bf16(struct kern_blas *blas, int rows, int cols, int T)
     free(w), free(x), free(y), free(ref);
 }
 
+/* ---- device sampling (kern_sample_rows) against engine/sampler.c's rules ---- */
+
+static const float *smp_key; /* qsort context: probabilities */
+
+static int smp_by_prob(const void *a, const void *b)
+{
+    int x = *(const int *)a, y = *(const int *)b;
+    if (smp_key[x] != smp_key[y])
+        return smp_key[x] > smp_key[y] ? -1 : 1;
+    return x < y ? -1 : x > y;
+}
+
+/*
+ * The kept set of the host sampler (candidates >= min_p, sorted by probability, ties to the
+ * lower id, truncated to top_k, then to the top_p prefix): keep[j] = 1; returns the mass.
+ */
+static double smp_reference(const float *l, int V, const struct kern_pick *P, float *p, int *cand,
+                            char *keep)
+{
+    float mx = l[0];
+    for (int j = 1; j < V; j++)
+        mx = l[j] > mx ? l[j] : mx;
+    const float inv_t = 1.0f / P->temperature;
+    int nc = 0;
+    for (int j = 0; j < V; j++) {
+        p[j] = expf((l[j] - mx) * inv_t);
+        keep[j] = 0;
+        if (p[j] > 0 && p[j] >= (P->min_p > 0 ? P->min_p : 0.0f))
+            cand[nc++] = j;
+    }
+    smp_key = p;
+    qsort(cand, (size_t)nc, sizeof *cand, smp_by_prob);
+    if (P->top_k > 0 && P->top_k < nc)
+        nc = P->top_k;
+    if (P->top_p > 0 && P->top_p < 1.0f) {
+        double z = 0, acc = 0;
+        for (int i = 0; i < nc; i++)
+            z += p[cand[i]];
+        for (int i = 0; i < nc; i++) {
+            acc += p[cand[i]];
+            if (acc >= P->top_p * z) {
+                nc = i + 1;
+                break;
+            }
+        }
+    }
+    double m = 0;
+    for (int i = 0; i < nc; i++) {
+        keep[cand[i]] = 1;
+        m += p[cand[i]];
+    }
+    return m;
+}
+
+/* rows of V logits (ties: every logit rounded to a multiple of 1/4) under random picks */
+static void test_sample(int V, int rows, int ties)
+{
+    float *l = malloc(sizeof(float) * (size_t)V * rows), *p = malloc(sizeof(float) * (size_t)V);
+    int *cand = malloc(sizeof(int) * (size_t)V);
+    char *keep = malloc((size_t)V);
+    struct kern_pick *P = malloc(sizeof *P * (size_t)rows);
+    int32_t *out = malloc(sizeof(int32_t) * (size_t)rows);
+    void *dl = NULL, *dp = NULL, *dw = NULL, *dout = NULL;
+    static const float temps[] = {0.0f, 0.7f, 1.0f, 1.6f};
+    static const int topks[] = {0, 1, 5, 50};
+    static const float topps[] = {1.0f, 0.9f, 0.5f, 0.05f};
+    for (size_t i = 0; i < (size_t)V * rows; i++) {
+        float v = 4.0f * frand();
+        l[i] = ties ? roundf(v * 4.0f) / 4.0f : v;
+    }
+    for (int r = 0; r < rows; r++) {
+        P[r].temperature = temps[rnd() % 4];
+        P[r].top_k = topks[rnd() % 4];
+        P[r].top_p = topps[rnd() % 4];
+        P[r].min_p = rnd() % 3 == 0 ? 0.05f : 0.0f;
+        P[r].u = (float)(rnd() % 1000000) / 1e6f;
+    }
+    int rc = kern_malloc(&dl, sizeof(float) * (size_t)V * rows) ||
+             kern_malloc(&dp, sizeof *P * (size_t)rows) ||
+             kern_malloc(&dw, sizeof(float) * (size_t)V * rows) ||
+             kern_malloc(&dout, sizeof(int32_t) * (size_t)rows) ||
+             kern_h2d(dl, l, sizeof(float) * (size_t)V * rows) ||
+             kern_h2d(dp, P, sizeof *P * (size_t)rows) ||
+             kern_memset(dout, 0xff, sizeof(int32_t) * (size_t)rows) ||
+             kern_sample_rows(dl, rows, V, dp, dw, dout, NULL) || kern_sync() ||
+             kern_d2h(out, dout, sizeof(int32_t) * (size_t)rows);
+    int bad = 0;
+    double worst = 0;
+    for (int r = 0; r < rows && !rc; r++) {
+        const float *lr = l + (size_t)r * V;
+        int ok;
+        if (!(P[r].temperature > 0)) {
+            int b = 0;
+            for (int j = 1; j < V; j++)
+                b = lr[j] > lr[b] ? j : b;
+            ok = out[r] == b;
+        } else {
+            /* the token is kept, and its interval of the id-order cumulative mass holds u M */
+            double m = smp_reference(lr, V, &P[r], p, cand, keep), lo = 0;
+            int j = out[r];
+            ok = j >= 0 && j < V && keep[j];
+            for (int k = 0; ok && k < j; k++)
+                lo += keep[k] ? p[k] : 0.0;
+            double hi = ok ? lo + p[j] : 0, t = (double)P[r].u * m;
+            double miss = ok ? (t < lo ? lo - t : (t > hi ? t - hi : 0)) / m : 1;
+            worst = miss > worst ? miss : worst;
+            ok = ok && miss <= 1e-5;
+        }
+        if (!ok && bad++ < 3)
+            printf("# row %d: T %.2f top_k %d top_p %.2f min_p %.2f u %.6f -> token %d\n", r,
+                   P[r].temperature, P[r].top_k, P[r].top_p, P[r].min_p, P[r].u, out[r]);
+    }
+    n_test++;
+    n_fail += rc || bad;
+    printf("%s %d - sampling %d rows of %d%s: %d picks outside the host rules (worst cdf miss "
+           "%.1e, bound 1e-5)%s\n",
+           !rc && !bad ? "ok" : "not ok", n_test, rows, V, ties ? " (with ties)" : "", bad, worst,
+           rc ? ": CUDA error" : "");
+    kern_free(dl), kern_free(dp), kern_free(dw), kern_free(dout);
+    free(l), free(p), free(cand), free(keep), free(P), free(out);
+}
+
 int main(void)
 {
     if (kern_device_count() < 1) {
@@ -231,6 +357,9 @@ int main(void)
     }
     kern_blas_free(blas);
     kern_free(ws);
+    test_sample(129280, 64, 0);
+    test_sample(129280, 64, 1);
+    test_sample(1000, 256, 1);
     printf("1..%d\n", n_test);
     return n_fail ? 1 : 0;
 }

@@ -39,6 +39,8 @@ struct fake {
     int decode_steps_with_prefill; /* steps that had a 1-token row and a multi-token row */
     int step_us;                   /* simulated step time */
     atomic_int calls;
+    int picks; /* rows whose token the fake picked (device_sampling) */
+    int bad_u; /* picks with u outside [0, 1) */
 };
 
 static int fake_next(int32_t tok, long pos)
@@ -62,7 +64,18 @@ static int fake_step(struct backend *b, const struct backend_seq *seqs, int n, f
         total += s->n;
         has1 |= s->n == 1;
         hasmany |= s->n > 1;
-        if (s->want_logits) {
+        if (s->want_logits && s->pick && b->device_sampling) {
+            /* as a device sampler: the top token, or with temperature > 0 its neighbour for
+             * u >= 0.5; the row is left as NaN (the engine must not read it) */
+            float *l = logits + (size_t)row++ * FV;
+            int top = fake_next(s->tokens[s->n - 1], f->pos[s->slot] - 1);
+            for (int v = 0; v < FV; v++)
+                l[v] = NAN;
+            f->picks++;
+            f->bad_u += !(s->pick->u >= 0 && s->pick->u < 1);
+            s->pick->token =
+                s->pick->temperature > 0 && s->pick->u >= 0.5f ? top % (FV - 2) + 2 : top;
+        } else if (s->want_logits) {
             float *l = logits + (size_t)row++ * FV;
             for (int v = 0; v < FV; v++)
                 l[v] = (float)((v * 7) % 13) * 0.01f;
@@ -111,6 +124,8 @@ static void fake_destroy(struct backend *b)
 static const struct backend_ops fake_ops = {fake_step, fake_reset, fake_fork, fake_free_blocks,
                                             fake_destroy};
 
+static int fake_device_sampling; /* the next fake backend picks tokens itself */
+
 static struct engine *fake_engine(int slots, int blocks, int step_tokens, int max_queue,
                                   struct fake **fout)
 {
@@ -122,6 +137,7 @@ static struct engine *fake_engine(int slots, int blocks, int step_tokens, int ma
     b->n_blocks = blocks;
     b->vocab_size = FV;
     b->eos_token_id = 1;
+    b->device_sampling = fake_device_sampling;
     struct engine_config c;
     engine_config_defaults(&c);
     c.max_step_tokens = step_tokens;
@@ -219,6 +235,51 @@ static void test_basic_and_usage(void **state)
     assert_int_equal(prompt_tokens, 10);
     assert_int_equal(completion, 7);
     engine_req_release(r);
+    engine_free(e);
+}
+
+/* A backend that picks tokens itself (backend.device_sampling): greedy requests get the same
+ * tokens without any logits row; requests that need the row (logprobs) still get it; seeded
+ * draws pass the sequence's uniforms, so a seed reproduces its output. */
+static void test_device_picks(void **state)
+{
+    (void)state;
+    struct fake *f;
+    fake_device_sampling = 1;
+    struct engine *e = fake_engine(4, 64, 256, 16, &f);
+    fake_device_sampling = 0;
+    assert_int_equal(engine_start(e), 0);
+    int32_t prompt[6] = {5, 6, 7, 8, 9, 10}, got[32], want[32], again[32];
+    int n;
+    struct engine_params p = params(prompt, 6, 9);
+    struct engine_req *r;
+    assert_int_equal(engine_submit(e, &p, &r), 0);
+    assert_int_equal(collect(r, got, &n, 0), ENGINE_FINISH_LENGTH);
+    engine_req_release(r);
+    expected(prompt, 6, 9, want);
+    assert_int_equal(n, 9);
+    assert_memory_equal(got, want, sizeof(int32_t) * 9);
+    const int picks_greedy = f->picks;
+    assert_true(picks_greedy >= 9);
+    p.logprobs = 2; /* needs the row: host sampling */
+    assert_int_equal(engine_submit(e, &p, &r), 0);
+    assert_int_equal(collect(r, got, &n, 0), ENGINE_FINISH_LENGTH);
+    engine_req_release(r);
+    assert_memory_equal(got, want, sizeof(int32_t) * 9);
+    assert_int_equal(f->picks, picks_greedy);
+    p.logprobs = -1;
+    p.sampling.temperature = 1.0f;
+    p.sampling.has_seed = 1;
+    p.sampling.seed = 1234;
+    assert_int_equal(engine_submit(e, &p, &r), 0);
+    assert_int_equal(collect(r, got, &n, 0), ENGINE_FINISH_LENGTH);
+    engine_req_release(r);
+    assert_int_equal(engine_submit(e, &p, &r), 0);
+    assert_int_equal(collect(r, again, &n, 0), ENGINE_FINISH_LENGTH);
+    engine_req_release(r);
+    assert_memory_equal(got, again, sizeof(int32_t) * 9); /* the seed's uniforms */
+    assert_true(f->picks >= picks_greedy + 18);
+    assert_int_equal(f->bad_u, 0);
     engine_free(e);
 }
 
@@ -709,6 +770,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_basic_and_usage),
         cmocka_unit_test(test_queue_limits_and_validation),
+        cmocka_unit_test(test_device_picks),
         cmocka_unit_test(test_chunked_prefill_interleave),
         cmocka_unit_test(test_preemption_resume),
         cmocka_unit_test(test_cancel_and_deadline),
