@@ -179,6 +179,9 @@ struct cuda_impl {
     int graphs;             /* decode steps replay CUDA graphs (DSV4_CUDA_GRAPHS=0: off) */
     struct cuda_graph graph[CUDA_MAX_GRAPHS];
     int n_graphs;
+    /* what s->xb holds (act_to_xb): source, rows, columns, round trip, split, permuted */
+    const float *xb_src;
+    int xb_T, xb_w, xb_fp8, xb_split, xb_perm;
     int split_rows; /* widest output of a split linear (scratch ysplit) */
     int max_cols;   /* widest input of a linear (scratch xb) */
 };
@@ -865,6 +868,41 @@ enum { ACT_F32 = 0, ACT_QUANT = 1, ACT_QUANTIZED = 2 };
  * linear_fast.cu), the rest on the exact kernels. grp_rows/grp_xoff: the grouped output projection
  * (row group i reads x + i * grp_xoff).
  */
+/*
+ * s->xb as the tensor-core linears read it: BF16 of x (T rows, w columns, the FP8 round trip
+ * first when fp8, hi + lo rows when split, permuted when perm). Linears that share their input
+ * (the compressor, indexer and q/kv projections of x; wq_b and the indexer's wq_b of q_lat)
+ * convert it once: ci->xb_* remembers the last conversion until clear_xb (each sub-layer start,
+ * where the inputs are rewritten).
+ */
+static int act_to_xb(struct cuda_impl *ci, const float *x, int ldx, int T, int w, int fp8,
+                     float *xq_buf, int split, int perm)
+{
+    struct scratch *s = &ci->s;
+    int rc;
+    if (ci->xb_src == x && ci->xb_T == T && ci->xb_w == w && ci->xb_fp8 == fp8 &&
+        ci->xb_split == split && ci->xb_perm == perm)
+        return 0;
+    ci->xb_src = NULL;
+    const float *src = x;
+    if (fp8) {
+        if ((rc = kern_act_quant_fp8(x, T, w, xq_buf, ci->stream)))
+            return rc;
+        src = xq_buf;
+        ldx = w;
+    }
+    if ((rc = kern_act_bf16(src, ldx, T, w, split, perm, s->xb, ci->stream)))
+        return rc;
+    ci->xb_src = x, ci->xb_T = T, ci->xb_w = w, ci->xb_fp8 = fp8;
+    ci->xb_split = split, ci->xb_perm = perm;
+    return 0;
+}
+
+static void clear_xb(struct cuda_impl *ci)
+{
+    ci->xb_src = NULL;
+}
+
 static int lin_grouped(struct cuda_impl *ci, const struct dev_lin *W, const float *x, int ldx,
                        int T, int act, float *xq_buf, float *y, int ldy, int grp_rows, int grp_xoff)
 {
@@ -873,12 +911,6 @@ static int lin_grouped(struct cuda_impl *ci, const struct dev_lin *W, const floa
     const int rows = W->q.rows, cols = W->q.cols;
     int rc;
     const int fp8_act = act != ACT_F32 && ci->quant && quantizable(&W->q);
-    if (act == ACT_QUANT && fp8_act) {
-        if ((rc = kern_act_quant_fp8(x, T, cols, xq_buf, st)))
-            return rc;
-        x = xq_buf;
-        ldx = cols;
-    }
     const int groups = grp_rows ? rows / grp_rows : 1, gr = grp_rows ? grp_rows : rows;
     const int xw = grp_rows ? (groups - 1) * grp_xoff + cols : cols; /* x columns read */
     const int split = !fp8_act, R = split ? 2 * T : T; /* FP8 values are exact in BF16 */
@@ -886,7 +918,7 @@ static int lin_grouped(struct cuda_impl *ci, const struct dev_lin *W, const floa
         const int perm = kern_gemm_fp8_perm(gr, groups, R);
         struct kern_fp8_mat v = W->p;
         v.rows = gr;
-        if ((rc = kern_act_bf16(x, ldx, T, xw, split, perm, s->xb, st)) ||
+        if ((rc = act_to_xb(ci, x, ldx, T, xw, act == ACT_QUANT && fp8_act, xq_buf, split, perm)) ||
             (rc = kern_gemm_fp8(&v, groups, s->xb, xw, grp_rows ? (size_t)grp_xoff : 0, R,
                                 split ? s->ysplit : y, split ? rows : ldy, (size_t)gr, st)))
             return rc;
@@ -894,11 +926,17 @@ static int lin_grouped(struct cuda_impl *ci, const struct dev_lin *W, const floa
     }
     if (!ci->exact && W->q.fmt == KERN_W_BF16 && !grp_rows) {
         float *yo = split ? (rows > ci->split_rows ? ci->logits_split : s->ysplit) : y;
-        if ((rc = kern_act_bf16(x, ldx, T, cols, split, 0, s->xb, st)) ||
+        if ((rc = act_to_xb(ci, x, ldx, T, cols, 0, NULL, split, 0)) ||
             (rc = kern_blas_gemm_bf16(ci->blas, W->q.w, rows, cols, s->xb, cols, R, yo,
                                       split ? rows : ldy)))
             return rc;
         return split ? kern_add_split(yo, T, rows, y, ldy, st) : 0;
+    }
+    if (act == ACT_QUANT && fp8_act) {
+        if ((rc = kern_act_quant_fp8(x, T, cols, xq_buf, st)))
+            return rc;
+        x = xq_buf;
+        ldx = cols;
     }
     return kern_linear(&W->q, x, ldx, T, y, ldy, grp_rows, grp_xoff, st);
 }
@@ -922,6 +960,7 @@ static int attention_sublayer(struct cuda_impl *ci, int li, const struct kern_ba
     const float *inv = sp->rope == DSV4_ROPE_MAIN ? ci->inv_main : ci->inv_comp;
     const int csa = sp->attn == DSV4_ATTN_CSA;
     int rc;
+    clear_xb(ci);
     TRY(hc_pre(ci, &L->hc_attn, L->attn_norm, T));
     prof_mark(ci, PR_HC);
     /* compressor and indexer projections on x as is */
@@ -1000,6 +1039,7 @@ static int moe_sublayer(struct cuda_impl *ci, int li, const struct kern_batch *b
     const int K = c->n_experts_per_tok, I = c->moe_inter, P = T * K;
     const float limit = (float)c->swiglu_limit;
     int rc;
+    clear_xb(ci);
     TRY(hc_pre(ci, &L->hc_ffn, L->ffn_norm, T));
     prof_mark(ci, PR_HC);
     if (ci->nvfp4) { /* route + routed experts + shared expert, BF16 activations */
@@ -1080,6 +1120,7 @@ static int enqueue_step(struct cuda_impl *ci, const struct kern_batch *b, size_t
     const int d = c->hidden_size, n = c->hc_mult;
     int rc;
     prof_mark(ci, -1);
+    clear_xb(ci);
     TRY(kern_h2d_async(ci->meta_d, ci->meta_h, meta_ints * 4, ci->stream));
     TRY(kern_embed(&ci->embed, b->tokens, b->T, n, s->X, ci->stream));
     prof_mark(ci, PR_HEAD);
@@ -1095,6 +1136,7 @@ static int enqueue_step(struct cuda_impl *ci, const struct kern_batch *b, size_t
             TRY(kern_hc_head_fast(s->X, rows_d, nsel, n, d, ci->hc_head.fn, ci->hc_head.base,
                                   ci->hc_head.scale, (float)c->hc_eps, (float)c->rms_norm_eps,
                                   ci->norm, s->X2, s->mix, s->y, ci->stream));
+        clear_xb(ci);
         TRY(lin(ci, &ci->head, s->y, nsel, ACT_F32, NULL, ci->logits_d));
         if (picks) {
             TRY(kern_sample_rows(ci->logits_d, nsel, c->vocab_size, picks, ci->logits_split,
