@@ -86,18 +86,32 @@ __device__ __forceinline__ void smp_argmax_warp(float *bv, int *bi)
     }
 }
 
-/* p is kept (state of the filters): key(p) > cut, or == cut and among the first `ties` at it */
-struct smp_cut {
-    uint32_t key;
-    int ties; /* how many of the tokens at key, lowest ids first; INT_MAX: all */
-};
-
 /* id ranges of thread t's contiguous chunk */
 __device__ __forceinline__ void smp_chunk(int V, int *j0, int *j1)
 {
     const int per = (V + SMP_THREADS - 1) / SMP_THREADS;
     *j0 = threadIdx.x * per < V ? threadIdx.x * per : V;
     *j1 = *j0 + per < V ? *j0 + per : V;
+}
+
+/* Keep the probabilities whose key is above `key`, and of those at it the first `ties` in id
+ * order (a block-wide scan over contiguous chunks); zero the rest. */
+__device__ __forceinline__ void smp_cut(float *p, int V, uint32_t key, int ties, double *smd)
+{
+    int j0, j1, t = 0;
+    smp_chunk(V, &j0, &j1);
+    for (int j = j0; j < j1; j++)
+        t += __float_as_uint(p[j]) == key;
+    int before = (int)smp_scan((double)t, smd);
+    __syncthreads();
+    for (int j = j0; j < j1; j++) {
+        uint32_t k = __float_as_uint(p[j]);
+        if (k == key)
+            p[j] = before++ < ties ? p[j] : 0.0f;
+        else if (k < key)
+            p[j] = 0.0f;
+    }
+    __syncthreads();
 }
 
 __global__ void __launch_bounds__(SMP_THREADS)
@@ -169,21 +183,7 @@ __global__ void __launch_bounds__(SMP_THREADS)
         for (int j = threadIdx.x; j < V; j += blockDim.x)
             above += p[j] > 0 && __float_as_uint(p[j]) > lo;
         above = smp_sum(above, smi);
-        const int keep_ties = P.top_k - above;
-        int j0, j1, t = 0;
-        smp_chunk(V, &j0, &j1);
-        for (int j = j0; j < j1; j++)
-            t += __float_as_uint(p[j]) == lo;
-        int before = (int)smp_scan((double)t, smd);
-        __syncthreads();
-        for (int j = j0; j < j1; j++) {
-            uint32_t k = __float_as_uint(p[j]);
-            if (k == lo)
-                p[j] = before++ < keep_ties ? p[j] : 0.0f;
-            else if (k < lo)
-                p[j] = 0.0f;
-        }
-        __syncthreads();
+        smp_cut(p, V, lo, P.top_k - above, smd);
     }
     /* top-p: the largest key whose mass at or above reaches top_p of the candidates', then the
      * ties at it that the host's running sum takes (lowest ids first) */
@@ -211,21 +211,7 @@ __global__ void __launch_bounds__(SMP_THREADS)
         const double v = (double)__uint_as_float(lo);
         /* ties taken until the running sum reaches the target: at least one */
         double need = ceil((target - above) / v);
-        const int keep_ties = need < 1 ? 1 : (need > 2e9 ? 2000000000 : (int)need);
-        int j0, j1, t = 0;
-        smp_chunk(V, &j0, &j1);
-        for (int j = j0; j < j1; j++)
-            t += __float_as_uint(p[j]) == lo;
-        int before = (int)smp_scan((double)t, smd);
-        __syncthreads();
-        for (int j = j0; j < j1; j++) {
-            uint32_t k = __float_as_uint(p[j]);
-            if (k == lo)
-                p[j] = before++ < keep_ties ? p[j] : 0.0f;
-            else if (k < lo)
-                p[j] = 0.0f;
-        }
-        __syncthreads();
+        smp_cut(p, V, lo, need < 1 ? 1 : (need > 2e9 ? 2000000000 : (int)need), smd);
     }
     /* the draw: the first kept id (id order) whose running mass passes u * mass, else the last */
     int j0, j1;
