@@ -238,6 +238,7 @@ static size_t qmat_wbytes(const struct cpu_qmat *q)
     case CPU_W_FP8:
         return n;
     case CPU_W_MXFP4:
+    case CPU_W_NVFP4:
         return n / 2;
     }
     return 0;
@@ -250,6 +251,8 @@ static size_t qmat_sbytes(const struct cpu_qmat *q)
                (q->scale_f32 ? 4 : 1);
     if (q->fmt == CPU_W_MXFP4)
         return (size_t)q->rows * (size_t)(q->cols / 32);
+    if (q->fmt == CPU_W_NVFP4)
+        return (size_t)q->rows * (size_t)(q->cols / 16);
     return 0;
 }
 
@@ -347,16 +350,26 @@ static int nvfp4_usable(const struct dsv4_model *m)
     const char *env = getenv("DSV4_CUDA_MOE");
     if (env && !strcmp(env, "exact"))
         return 0;
-    if (c->expert_fmt != DSV4_WFMT_MXFP4 || c->hidden_size % 256 || c->moe_inter % 256 ||
-        c->n_routed_experts % 64 || c->n_routed_experts > 512 || c->n_experts_per_tok > 32)
+    if ((c->expert_fmt != DSV4_WFMT_MXFP4 && c->expert_fmt != DSV4_WFMT_NVFP4) ||
+        c->hidden_size % 256 || c->moe_inter % 256 || c->n_routed_experts % 64 ||
+        c->n_routed_experts > 512 || c->n_experts_per_tok > 32)
         return 0;
     if (c->n_shared_experts > 0 && c->linear_fmt != DSV4_WFMT_FP8_BLOCK)
         return 0;
     return 1;
 }
 
-/* One layer's MoE for kern_moe_forward: experts MXFP4 -> NVFP4, packed; shared expert packed
- * FP8; router views into the already uploaded gate / bias / tid2eid. */
+/* An expert matrix as NVFP4: converted from MXFP4 (with the load report) or copied from an
+ * NVFP4 checkpoint (negative block scales folded into the signs). */
+static int expert_nvfp4(const struct cpu_qmat *q, struct nvfp4_mat *out, struct nvfp4_report *rep)
+{
+    if (q->fmt == CPU_W_NVFP4)
+        return nvfp4_from_modelopt(q->w, q->scale, q->s2, out);
+    return nvfp4_from_mxfp4(q->w, q->scale, out, rep);
+}
+
+/* One layer's MoE for kern_moe_forward: experts as NVFP4, packed; shared expert packed FP8;
+ * router views into the already uploaded gate / bias / tid2eid. */
 static int up_moe_nvfp4(struct cuda_impl *ci, struct uploader *u, const struct dsv4_layer_w *lw,
                         struct dev_layer *L)
 {
@@ -414,9 +427,9 @@ static int up_moe_nvfp4(struct cuda_impl *ci, struct uploader *u, const struct d
             if (trc)
                 continue;
             int r;
-            if ((r = nvfp4_from_mxfp4(lw->w1[e].w, lw->w1[e].scale, &g, &rep)) ||
-                (r = nvfp4_from_mxfp4(lw->w3[e].w, lw->w3[e].scale, &up_, &rep)) ||
-                (r = nvfp4_from_mxfp4(lw->w2[e].w, lw->w2[e].scale, &dn, &rep)) ||
+            if ((r = expert_nvfp4(&lw->w1[e], &g, &rep)) ||
+                (r = expert_nvfp4(&lw->w3[e], &up_, &rep)) ||
+                (r = expert_nvfp4(&lw->w2[e], &dn, &rep)) ||
                 (r = kern_nvfp4_pack_gateup(g.q, g.s, up_.q, up_.s, I, d, h13, hs13)) ||
                 (r = kern_nvfp4_pack(dn.q, dn.s, d, I, h2, hs2))) {
                 trc = r;
@@ -1506,6 +1519,13 @@ int backend_cuda_new_opts(struct backend **out, struct dsv4_model *m,
         ci->graphs = !ci->prof && !(g && !strcmp(g, "0"));
     }
     ci->nvfp4 = !ci->exact && nvfp4_usable(m);
+    if (c->expert_fmt == DSV4_WFMT_NVFP4 && !ci->nvfp4) {
+        rc = err_setf(ERR_UNSUPPORTED,
+                      "cuda backend: NVFP4 experts run only in the fused MoE kernels (not with "
+                      "DSV4_CUDA_EXACT / DSV4_CUDA_MOE=exact; hidden size and expert width "
+                      "multiples of 256, experts a multiple of 64); use --device cpu");
+        goto fail;
+    }
     ci->fp8_kv = !ci->exact && ci->quant && c->rope_dim < c->head_dim &&
                  (c->head_dim - c->rope_dim) % 64 == 0 && c->index_head_dim % 32 == 0;
     lin_widths(ci);

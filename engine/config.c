@@ -101,12 +101,14 @@ static int parse_quant(struct dsv4_config *c, json_t *root, const char *label)
             return err_setf(ERR_CONFIG, "%s: key \"quantization_config\" must be an object", label);
         const char *method = get_str(q, "quant_method");
         if (!method || strcmp(method, "fp8") != 0)
-            return err_setf(ERR_CONFIG,
-                            "%s: quantization_config.quant_method \"%s\" unsupported (expected \"fp8\")",
-                            label, method ? method : "(missing)");
+            return err_setf(
+                ERR_CONFIG,
+                "%s: quantization_config.quant_method \"%s\" unsupported (expected \"fp8\")", label,
+                method ? method : "(missing)");
         const char *fmt = get_str(q, "fmt");
         if (fmt && strcmp(fmt, "e4m3") != 0)
-            return err_setf(ERR_CONFIG, "%s: quantization_config.fmt \"%s\" unsupported", label, fmt);
+            return err_setf(ERR_CONFIG, "%s: quantization_config.fmt \"%s\" unsupported", label,
+                            fmt);
         json_t *bs = json_object_get(q, "weight_block_size");
         if (!json_is_array(bs) || json_array_size(bs) != 2 ||
             json_integer_value(json_array_get(bs, 0)) != 128 ||
@@ -122,12 +124,15 @@ static int parse_quant(struct dsv4_config *c, json_t *root, const char *label)
         c->expert_fmt = c->linear_fmt;
     else if (!strcmp(ed, "fp4"))
         c->expert_fmt = DSV4_WFMT_MXFP4;
+    else if (!strcmp(ed, "nvfp4"))
+        c->expert_fmt = DSV4_WFMT_NVFP4;
     else if (!strcmp(ed, "fp8"))
         c->expert_fmt = DSV4_WFMT_FP8_BLOCK;
     else if (!strcmp(ed, "bf16"))
         c->expert_fmt = DSV4_WFMT_BF16;
     else
-        return err_setf(ERR_CONFIG, "%s: expert_dtype \"%s\" unsupported (fp4, fp8, bf16)", label, ed);
+        return err_setf(ERR_CONFIG, "%s: expert_dtype \"%s\" unsupported (fp4, nvfp4, fp8, bf16)",
+                        label, ed);
     return 0;
 }
 
@@ -239,7 +244,8 @@ int dsv4_config_parse(struct dsv4_config *c, const char *text, size_t len, const
     }
     json_t *kvh = json_object_get(root, "num_key_value_heads");
     if (kvh && json_integer_value(kvh) != 1) {
-        rc = err_setf(ERR_CONFIG, "%s: key \"num_key_value_heads\" must be 1 (shared-KV MQA)", label);
+        rc = err_setf(ERR_CONFIG, "%s: key \"num_key_value_heads\" must be 1 (shared-KV MQA)",
+                      label);
         goto out;
     }
     json_t *tie = json_object_get(root, "tie_word_embeddings");
@@ -265,20 +271,25 @@ int dsv4_config_parse(struct dsv4_config *c, const char *text, size_t len, const
     CHECK(c->n_experts_per_tok <= c->n_routed_experts,
           "%s: num_experts_per_tok (%d) exceeds n_routed_experts (%d)", label, c->n_experts_per_tok,
           c->n_routed_experts);
-    CHECK(c->n_hash_layers <= c->n_layers, "%s: num_hash_layers (%d) exceeds num_hidden_layers (%d)",
-          label, c->n_hash_layers, c->n_layers);
+    CHECK(c->n_hash_layers <= c->n_layers,
+          "%s: num_hash_layers (%d) exceeds num_hidden_layers (%d)", label, c->n_hash_layers,
+          c->n_layers);
     CHECK(c->eos_token_id < c->vocab_size && c->bos_token_id < c->vocab_size,
           "%s: bos_token_id/eos_token_id must be < vocab_size", label);
-    CHECK(c->linear_fmt != DSV4_WFMT_FP8_BLOCK ||
-              (c->head_dim - c->rope_dim) % 64 == 0,
+    CHECK(c->linear_fmt != DSV4_WFMT_FP8_BLOCK || (c->head_dim - c->rope_dim) % 64 == 0,
           "%s: head_dim - qk_rope_head_dim must be a multiple of 64 (FP8 KV blocks)", label);
     CHECK(c->expert_fmt != DSV4_WFMT_MXFP4 || (c->hidden_size % 32 == 0 && c->moe_inter % 32 == 0),
-          "%s: hidden_size and moe_intermediate_size must be multiples of 32 for fp4 experts", label);
+          "%s: hidden_size and moe_intermediate_size must be multiples of 32 for fp4 experts",
+          label);
+    CHECK(c->expert_fmt != DSV4_WFMT_NVFP4 || (c->hidden_size % 16 == 0 && c->moe_inter % 16 == 0),
+          "%s: hidden_size and moe_intermediate_size must be multiples of 16 for nvfp4 experts",
+          label);
     CHECK(c->index_head_dim % 32 == 0 && (c->index_head_dim & (c->index_head_dim - 1)) == 0,
           "%s: index_head_dim (%d) must be a power of two >= 32 (Hadamard, FP4 blocks)", label,
           c->index_head_dim);
     for (int i = c->n_layers; i < c->n_layers + c->n_mtp; i++)
-        CHECK(c->compress_ratios[i] == 0, "%s: compress_ratios[%d] (MTP layer) must be 0", label, i);
+        CHECK(c->compress_ratios[i] == 0, "%s: compress_ratios[%d] (MTP layer) must be 0", label,
+              i);
 #undef CHECK
 out:
     json_decref(root);
@@ -388,6 +399,7 @@ int dsv4_config_to_json(const struct dsv4_config *c, char **out)
                                       "dynamic", "fmt", "e4m3", "quant_method", "fp8", "scale_fmt",
                                       "ue8m0", "weight_block_size", 128, 128));
     const char *ed = c->expert_fmt == DSV4_WFMT_MXFP4       ? "fp4"
+                     : c->expert_fmt == DSV4_WFMT_NVFP4     ? "nvfp4"
                      : c->expert_fmt == DSV4_WFMT_FP8_BLOCK ? "fp8"
                                                             : "bf16";
     json_object_set_new(r, "expert_dtype", json_string(ed));

@@ -19,6 +19,9 @@ enum dsv4_wfmt {
     DSV4_WFMT_BF16 = 0,  /* plain BF16 (or F32) */
     DSV4_WFMT_FP8_BLOCK, /* F8_E4M3 + 128x128 block scales (UE8M0, or F32 in -Base checkpoints) */
     DSV4_WFMT_MXFP4,     /* packed E2M1 (I8 [out, in/2]) + UE8M0 scale per 32 inputs */
+    DSV4_WFMT_NVFP4,     /* packed E2M1 + E4M3 scale per 16 inputs + FP32 per-matrix scale (ModelOpt
+                          * weight/weight_scale/weight_scale_2, or compressed-tensors
+                          * weight_packed/weight_scale/weight_global_scale) */
 };
 
 struct dsv4_config {
@@ -51,7 +54,8 @@ struct dsv4_config {
     double hc_eps, rms_norm_eps;
     int bos_token_id, eos_token_id;
     enum dsv4_wfmt linear_fmt;  /* from quantization_config: FP8_BLOCK, or BF16 when absent */
-    enum dsv4_wfmt expert_fmt;  /* expert_dtype: "fp4" -> MXFP4, "fp8" -> FP8_BLOCK, else linear_fmt */
+    enum dsv4_wfmt expert_fmt;  /* expert_dtype: "fp4" -> MXFP4, "nvfp4" -> NVFP4, "fp8" -> FP8_BLOCK,
+                                 * else linear_fmt */
 };
 
 /* Parse config.json text (`len` bytes). `label` names the file in messages. */

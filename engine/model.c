@@ -311,6 +311,10 @@ static struct cpu_qmat qmat_rows(const struct cpu_qmat *m, int r0, int nrows)
         v.w = (const uint8_t *)m->w + (size_t)r0 * (m->cols / 2);
         v.scale = (const uint8_t *)m->scale + (size_t)r0 * (m->cols / 32);
         break;
+    case CPU_W_NVFP4:
+        v.w = (const uint8_t *)m->w + (size_t)r0 * (m->cols / 2);
+        v.scale = (const uint8_t *)m->scale + (size_t)r0 * (m->cols / 16);
+        break;
     }
     return v;
 }
@@ -318,7 +322,8 @@ static struct cpu_qmat qmat_rows(const struct cpu_qmat *m, int r0, int nrows)
 /* y = W x with the model's activation quantisation when W is an FP8/FP4 linear. */
 static void linear_q(const struct dsv4_model *m, const struct cpu_qmat *W, float *x, int T, float *y)
 {
-    if (m->numerics == DSV4_NUMERICS_MODEL && (W->fmt == CPU_W_FP8 || W->fmt == CPU_W_MXFP4))
+    if (m->numerics == DSV4_NUMERICS_MODEL &&
+        (W->fmt == CPU_W_FP8 || W->fmt == CPU_W_MXFP4 || W->fmt == CPU_W_NVFP4))
         cpu_act_quant_fp8(x, T, W->cols);
     cpu_linear(W, x, T, y);
 }

@@ -3,6 +3,7 @@
  */
 #include "engine/weights.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -104,6 +105,53 @@ static int vec(struct binder *b, const char *name, int64_t n, float **out)
     return f32_copy(b, name, 1, shape, out);
 }
 
+/*
+ * An NVFP4 matrix as ModelOpt writes it (`<prefix>.weight` U8 [rows, cols/2], `.weight_scale`
+ * E4M3 [rows, cols/16], `.weight_scale_2` F32 scalar: the multiplier) or as compressed-tensors
+ * does (`.weight_packed`, `.weight_scale`, `.weight_global_scale`: a divisor). NaN block scales
+ * and a non-finite or non-positive global scale are refused, naming the tensor.
+ */
+static int qmat_nvfp4(struct binder *b, const char *prefix, int rows, int cols, struct cpu_qmat *m)
+{
+    char wn[320], sn[320], gn[320];
+    const struct st_tensor *wt, *stn, *gt;
+    int64_t sh[2] = {rows, cols / 2}, ssh[2] = {rows, cols / 16}, one[1] = {1};
+    int rc, ctensors;
+    if (cols % 16)
+        return err_setf(ERR_FORMAT, "%s: nvfp4 matrix with %d input columns (not a multiple of 16)",
+                        prefix, cols);
+    snprintf(wn, sizeof wn, "%s.weight_packed", prefix);
+    ctensors = st_set_find(b->st, wn) != NULL;
+    if (!ctensors)
+        snprintf(wn, sizeof wn, "%s.weight", prefix);
+    snprintf(sn, sizeof sn, "%s.weight_scale", prefix);
+    snprintf(gn, sizeof gn, "%s.%s", prefix, ctensors ? "weight_global_scale" : "weight_scale_2");
+    if ((rc = find(b, wn, DT(ST_U8) | DT(ST_I8), 2, sh, &wt)) ||
+        (rc = find(b, sn, DT(ST_F8_E4M3), 2, ssh, &stn)))
+        return rc;
+    gt = st_set_find(b->st, gn);
+    if (!gt)
+        return err_setf(ERR_NOTFOUND, "checkpoint: missing tensor %s", gn);
+    if (gt->dtype != ST_F32 || (gt->ndim != 0 && !(gt->ndim == 1 && gt->shape[0] == one[0])))
+        return err_setf(ERR_FORMAT, "%s: tensor %s: an F32 scalar expected, found %s of %d dims",
+                        gt->file, gn, st_dtype_name(gt->dtype), gt->ndim);
+    float g;
+    memcpy(&g, gt->data, sizeof g);
+    if (!(g > 0) || !isfinite(g))
+        return err_setf(ERR_FORMAT, "%s: tensor %s: the global scale must be finite and > 0 (%g)",
+                        gt->file, gn, (double)g);
+    const uint8_t *sc = stn->data;
+    for (size_t i = 0; i < (size_t)rows * (size_t)(cols / 16); i++)
+        if ((sc[i] & 0x7f) == 0x7f)
+            return err_setf(ERR_FORMAT, "%s: tensor %s: NaN block scale at index %zu", stn->file,
+                            sn, i);
+    m->fmt = CPU_W_NVFP4;
+    m->w = wt->data;
+    m->scale = stn->data;
+    m->s2 = ctensors ? 1.0f / g : g; /* compressed-tensors stores the divisor */
+    return 0;
+}
+
 /* A linear `<prefix>.weight` (+ `.scale`) of logical shape (rows, cols) stored as `fmt`. */
 static int qmat(struct binder *b, const char *prefix, int rows, int cols, enum dsv4_wfmt fmt,
                 struct cpu_qmat *m)
@@ -141,8 +189,9 @@ static int qmat(struct binder *b, const char *prefix, int rows, int cols, enum d
     }
     case DSV4_WFMT_MXFP4: {
         if (cols % 32)
-            return err_setf(ERR_FORMAT, "%s: fp4 matrix with %d input columns (not a multiple of 32)",
-                            wn, cols);
+            return err_setf(ERR_FORMAT,
+                            "%s: fp4 matrix with %d input columns (not a multiple of 32)", wn,
+                            cols);
         int64_t sh[2] = {rows, cols / 2}, ssh[2] = {rows, cols / 32};
         if ((rc = find(b, wn, DT(ST_I8) | DT(ST_U8), 2, sh, &wt)))
             return rc;
@@ -153,6 +202,8 @@ static int qmat(struct binder *b, const char *prefix, int rows, int cols, enum d
         m->scale = stn->data;
         return 0;
     }
+    case DSV4_WFMT_NVFP4:
+        return qmat_nvfp4(b, prefix, rows, cols, m);
     }
     return err_setf(ERR_INVAL, "%s: unknown weight format", prefix);
 }
@@ -215,49 +266,62 @@ static int layer(struct binder *b, const char *p /* "layers.3." or "mtp.0." */,
             return rc;                                                                             \
     } while (0)
     l->spec = spec;
-    NAME("%sattn_norm.weight", p); TRY(vec(b, n, d, &l->attn_norm));
-    NAME("%sffn_norm.weight", p); TRY(vec(b, n, d, &l->ffn_norm));
+    NAME("%sattn_norm.weight", p);
+    TRY(vec(b, n, d, &l->attn_norm));
+    NAME("%sffn_norm.weight", p);
+    TRY(vec(b, n, d, &l->ffn_norm));
     TRY(hc(b, p, "hc_attn", 0, &l->hc_attn));
     TRY(hc(b, p, "hc_ffn", 0, &l->hc_ffn));
-    NAME("%sattn.wq_a", p); TRY(qmat(b, n, c->q_lora_rank, d, c->linear_fmt, &l->wq_a));
-    NAME("%sattn.q_norm.weight", p); TRY(vec(b, n, c->q_lora_rank, &l->q_norm));
-    NAME("%sattn.wq_b", p); TRY(qmat(b, n, H * hd, c->q_lora_rank, c->linear_fmt, &l->wq_b));
-    NAME("%sattn.wkv", p); TRY(qmat(b, n, hd, d, c->linear_fmt, &l->wkv));
-    NAME("%sattn.kv_norm.weight", p); TRY(vec(b, n, hd, &l->kv_norm));
+    NAME("%sattn.wq_a", p);
+    TRY(qmat(b, n, c->q_lora_rank, d, c->linear_fmt, &l->wq_a));
+    NAME("%sattn.q_norm.weight", p);
+    TRY(vec(b, n, c->q_lora_rank, &l->q_norm));
+    NAME("%sattn.wq_b", p);
+    TRY(qmat(b, n, H * hd, c->q_lora_rank, c->linear_fmt, &l->wq_b));
+    NAME("%sattn.wkv", p);
+    TRY(qmat(b, n, hd, d, c->linear_fmt, &l->wkv));
+    NAME("%sattn.kv_norm.weight", p);
+    TRY(vec(b, n, hd, &l->kv_norm));
     NAME("%sattn.wo_a", p);
-        TRY(qmat(b, n, c->o_groups * c->o_lora_rank, H * hd / c->o_groups, c->linear_fmt,
-                 &l->wo_a));
+    TRY(qmat(b, n, c->o_groups * c->o_lora_rank, H * hd / c->o_groups, c->linear_fmt, &l->wo_a));
     NAME("%sattn.wo_b", p);
-        TRY(qmat(b, n, d, c->o_groups * c->o_lora_rank, c->linear_fmt, &l->wo_b));
-    NAME("%sattn.attn_sink", p); TRY(vec(b, n, H, &l->attn_sink));
+    TRY(qmat(b, n, d, c->o_groups * c->o_lora_rank, c->linear_fmt, &l->wo_b));
+    NAME("%sattn.attn_sink", p);
+    TRY(vec(b, n, H, &l->attn_sink));
     if (spec->ratio) {
-        NAME("%sattn.compressor", p); TRY(compressor(b, n, spec->ratio, hd, &l->comp));
+        NAME("%sattn.compressor", p);
+        TRY(compressor(b, n, spec->ratio, hd, &l->comp));
     }
     if (spec->attn == DSV4_ATTN_CSA) {
         NAME("%sattn.indexer.compressor", p);
-            TRY(compressor(b, n, spec->ratio, c->index_head_dim, &l->icomp));
+        TRY(compressor(b, n, spec->ratio, c->index_head_dim, &l->icomp));
         NAME("%sattn.indexer.wq_b", p);
-            TRY(qmat(b, n, c->index_n_heads * c->index_head_dim, c->q_lora_rank, c->linear_fmt,
-                     &l->idx_wq_b));
+        TRY(qmat(b, n, c->index_n_heads * c->index_head_dim, c->q_lora_rank, c->linear_fmt,
+                 &l->idx_wq_b));
         NAME("%sattn.indexer.weights_proj", p);
-            TRY(qmat(b, n, c->index_n_heads, d, DSV4_WFMT_BF16, &l->idx_wproj));
+        TRY(qmat(b, n, c->index_n_heads, d, DSV4_WFMT_BF16, &l->idx_wproj));
     }
-    NAME("%sffn.gate", p); TRY(qmat(b, n, E, d, DSV4_WFMT_BF16, &l->gate));
+    NAME("%sffn.gate", p);
+    TRY(qmat(b, n, E, d, DSV4_WFMT_BF16, &l->gate));
     if (spec->router == DSV4_ROUTER_HASH) {
         const struct st_tensor *t;
         int64_t sh[2] = {c->vocab_size, c->n_experts_per_tok};
-        NAME("%sffn.gate.tid2eid", p); TRY(find(b, n, DT(ST_I64) | DT(ST_I32), 2, sh, &t));
+        NAME("%sffn.gate.tid2eid", p);
+        TRY(find(b, n, DT(ST_I64) | DT(ST_I32), 2, sh, &t));
         l->tid2eid = t->data;
         l->tid2eid_i32 = t->dtype == ST_I32;
         size_t cnt = (size_t)sh[0] * (size_t)sh[1];
         for (size_t i = 0; i < cnt; i++) {
-            int64_t v = dsv4_tid2eid(l, (int)(i / (size_t)sh[1]), (int)sh[1], (int)(i % (size_t)sh[1]));
+            int64_t v =
+                dsv4_tid2eid(l, (int)(i / (size_t)sh[1]), (int)sh[1], (int)(i % (size_t)sh[1]));
             if (v < 0 || v >= E)
-                return err_setf(ERR_FORMAT, "%s: tensor %s: entry %zu = %lld is not an expert id < %d",
-                                t->file, n, i, (long long)v, E);
+                return err_setf(ERR_FORMAT,
+                                "%s: tensor %s: entry %zu = %lld is not an expert id < %d", t->file,
+                                n, i, (long long)v, E);
         }
     } else {
-        NAME("%sffn.gate.bias", p); TRY(vec(b, n, E, &l->gate_bias));
+        NAME("%sffn.gate.bias", p);
+        TRY(vec(b, n, E, &l->gate_bias));
     }
     l->w1 = calloc((size_t)E * 3, sizeof(struct cpu_qmat));
     if (!l->w1)
@@ -266,22 +330,33 @@ static int layer(struct binder *b, const char *p /* "layers.3." or "mtp.0." */,
     l->w2 = l->w1 + E;
     l->w3 = l->w2 + E;
     for (int e = 0; e < E; e++) {
-        NAME("%sffn.experts.%d.w1", p, e); TRY(qmat(b, n, I, d, c->expert_fmt, &l->w1[e]));
-        NAME("%sffn.experts.%d.w2", p, e); TRY(qmat(b, n, d, I, c->expert_fmt, &l->w2[e]));
-        NAME("%sffn.experts.%d.w3", p, e); TRY(qmat(b, n, I, d, c->expert_fmt, &l->w3[e]));
+        NAME("%sffn.experts.%d.w1", p, e);
+        TRY(qmat(b, n, I, d, c->expert_fmt, &l->w1[e]));
+        NAME("%sffn.experts.%d.w2", p, e);
+        TRY(qmat(b, n, d, I, c->expert_fmt, &l->w2[e]));
+        NAME("%sffn.experts.%d.w3", p, e);
+        TRY(qmat(b, n, I, d, c->expert_fmt, &l->w3[e]));
     }
     l->has_shared = c->n_shared_experts > 0;
     if (l->has_shared) {
-        NAME("%sffn.shared_experts.w1", p); TRY(qmat(b, n, I, d, c->linear_fmt, &l->sh_w1));
-        NAME("%sffn.shared_experts.w2", p); TRY(qmat(b, n, d, I, c->linear_fmt, &l->sh_w2));
-        NAME("%sffn.shared_experts.w3", p); TRY(qmat(b, n, I, d, c->linear_fmt, &l->sh_w3));
+        NAME("%sffn.shared_experts.w1", p);
+        TRY(qmat(b, n, I, d, c->linear_fmt, &l->sh_w1));
+        NAME("%sffn.shared_experts.w2", p);
+        TRY(qmat(b, n, d, I, c->linear_fmt, &l->sh_w2));
+        NAME("%sffn.shared_experts.w3", p);
+        TRY(qmat(b, n, I, d, c->linear_fmt, &l->sh_w3));
     }
     if (spec->is_mtp) {
-        NAME("%se_proj", p); TRY(qmat(b, n, d, d, c->linear_fmt, &l->e_proj));
-        NAME("%sh_proj", p); TRY(qmat(b, n, d, d, c->linear_fmt, &l->h_proj));
-        NAME("%senorm.weight", p); TRY(vec(b, n, d, &l->enorm));
-        NAME("%shnorm.weight", p); TRY(vec(b, n, d, &l->hnorm));
-        NAME("%snorm.weight", p); TRY(vec(b, n, d, &l->norm));
+        NAME("%se_proj", p);
+        TRY(qmat(b, n, d, d, c->linear_fmt, &l->e_proj));
+        NAME("%sh_proj", p);
+        TRY(qmat(b, n, d, d, c->linear_fmt, &l->h_proj));
+        NAME("%senorm.weight", p);
+        TRY(vec(b, n, d, &l->enorm));
+        NAME("%shnorm.weight", p);
+        TRY(vec(b, n, d, &l->hnorm));
+        NAME("%snorm.weight", p);
+        TRY(vec(b, n, d, &l->norm));
         TRY(hc(b, p, "hc_head", 1, &l->hc_head));
     }
 #undef NAME

@@ -44,6 +44,7 @@ enum cpu_wfmt {
     CPU_W_BF16,
     CPU_W_FP8,   /* E4M3 [rows, cols] + block scales [ceil(rows/128), ceil(cols/128)] */
     CPU_W_MXFP4, /* packed E2M1 [rows, cols/2] (low nibble = even col) + E8M0 [rows, cols/32] */
+    CPU_W_NVFP4, /* packed E2M1 [rows, cols/2] + E4M3 [rows, cols/16], times s2 */
 };
 
 /* A weight matrix [rows = out, cols = in] as stored; views, owned by the checkpoint. */
@@ -51,8 +52,10 @@ struct cpu_qmat {
     enum cpu_wfmt fmt;
     int rows, cols;
     const void *w;
-    const void *scale; /* FP8: E8M0 bytes, or float when scale_f32; MXFP4: E8M0 bytes */
+    const void *scale; /* FP8: E8M0 bytes, or float when scale_f32; MXFP4: E8M0 bytes; NVFP4:
+                        * E4M3 bytes (a set sign bit negates the block, as ModelOpt's) */
     int scale_f32;
+    float s2; /* NVFP4: the per-matrix multiplier */
 };
 
 /* Dequantise row r into out (cols). */

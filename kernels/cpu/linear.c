@@ -101,14 +101,31 @@ void cpu_qmat_row(const struct cpu_qmat *m, int r, float *out)
         }
         break;
     }
+    case CPU_W_NVFP4: {
+        const uint8_t *w = (const uint8_t *)m->w + (size_t)r * (C / 2);
+        const uint8_t *sc = (const uint8_t *)m->scale + (size_t)r * (C / 16);
+        pthread_once(&fp4_once, fp4_pairs_init);
+        for (int g = 0; g < C / 16; g++) {
+            /* block scale times s2, rounded once (exact when s2 is a power of two) */
+            float s = cpu_e4m3_to_f32(sc[g]) * m->s2;
+            for (int j = 0; j < 8; j++) {
+                const float *p = fp4_pairs[w[g * 8 + j]];
+                out[g * 16 + 2 * j] = p[0] * s;
+                out[g * 16 + 2 * j + 1] = p[1] * s;
+            }
+        }
+        break;
+    }
     }
 }
 
 float cpu_qmat_at(const struct cpu_qmat *m, int r, int c)
 {
     switch (m->fmt) {
-    case CPU_W_F32: return ((const float *)m->w)[(size_t)r * m->cols + c];
-    case CPU_W_BF16: return cpu_bf16_to_f32(((const uint16_t *)m->w)[(size_t)r * m->cols + c]);
+    case CPU_W_F32:
+        return ((const float *)m->w)[(size_t)r * m->cols + c];
+    case CPU_W_BF16:
+        return cpu_bf16_to_f32(((const uint16_t *)m->w)[(size_t)r * m->cols + c]);
     case CPU_W_FP8:
         return cpu_e4m3_to_f32(((const uint8_t *)m->w)[(size_t)r * m->cols + c]) *
                fp8_block_scale(m, r, c / 128);
@@ -117,6 +134,13 @@ float cpu_qmat_at(const struct cpu_qmat *m, int r, int c)
         uint8_t code = (c & 1) ? byte >> 4 : byte & 15;
         return cpu_e2m1_to_f32(code) *
                cpu_e8m0_to_f32(((const uint8_t *)m->scale)[(size_t)r * (m->cols / 32) + c / 32]);
+    }
+    case CPU_W_NVFP4: {
+        uint8_t byte = ((const uint8_t *)m->w)[(size_t)r * (m->cols / 2) + c / 2];
+        uint8_t code = (c & 1) ? byte >> 4 : byte & 15;
+        return cpu_e2m1_to_f32(code) *
+               (cpu_e4m3_to_f32(((const uint8_t *)m->scale)[(size_t)r * (m->cols / 16) + c / 16]) *
+                m->s2);
     }
     }
     return NAN;

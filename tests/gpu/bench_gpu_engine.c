@@ -184,6 +184,8 @@ static double bench_qmat_bytes(const struct cpu_qmat *q)
                        (q->scale_f32 ? 4 : 1);
     case CPU_W_MXFP4:
         return n / 2 + n / 32;
+    case CPU_W_NVFP4:
+        return n / 2 + n / 16 + 4;
     }
     return 0;
 }

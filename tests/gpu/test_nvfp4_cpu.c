@@ -81,7 +81,7 @@ static void test_mxfp4(void)
     fx_bytes(q, sizeof q, 7);
     for (int i = 0; i < R * C / 32; i++)
         s[i] = (uint8_t)(110 + fx_mix(i) % 18); /* span 17: exact */
-    struct cpu_qmat mx = {CPU_W_MXFP4, R, C, q, s, 0};
+    struct cpu_qmat mx = {CPU_W_MXFP4, R, C, q, s, 0, 0};
     struct nvfp4_mat m;
     struct nvfp4_report rep = {0};
     int rc = nvfp4_mat_init(&m, R, C) || nvfp4_from_mxfp4(q, s, &m, &rep);

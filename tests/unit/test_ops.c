@@ -623,7 +623,7 @@ static void test_qmat_f32_bf16(void **state)
     enum { R1 = 33, C1 = 70 };
     float *w = xmalloc(sizeof(float) * R1 * C1);
     rng_fill(w, R1 * C1, -1, 1);
-    struct cpu_qmat m = {CPU_W_F32, R1, C1, w, NULL, 0};
+    struct cpu_qmat m = {CPU_W_F32, R1, C1, w, NULL, 0, 0};
     check_qmat("f32", &m, w);
     free(w);
 
@@ -635,7 +635,7 @@ static void test_qmat_f32_bf16(void **state)
         h[i] = (uint16_t)(s << 15 | e << 7 | mant);
         W[i] = (float)((s ? -1 : 1) * ldexp(1.0 + mant / 128.0, e - 127));
     }
-    struct cpu_qmat mb = {CPU_W_BF16, R2, C2, h, NULL, 0};
+    struct cpu_qmat mb = {CPU_W_BF16, R2, C2, h, NULL, 0, 0};
     check_qmat("bf16", &mb, W);
     free(h);
     free(W);
@@ -665,7 +665,7 @@ static void test_qmat_fp8(void **state)
                 double s = pass ? (double)s32[sb] : ldexp(1.0, s8[sb] - 127);
                 W[r * C + c] = (float)(ref_e4m3(q[r * C + c]) * s);
             }
-        struct cpu_qmat m = {CPU_W_FP8, R, C, q, pass ? (const void *)s32 : (const void *)s8, pass};
+        struct cpu_qmat m = {CPU_W_FP8, R, C, q, pass ? (const void *)s32 : (const void *)s8, pass, 0};
         check_qmat(pass ? "fp8/f32-scale" : "fp8/e8m0-scale", &m, W);
     }
     /* a single partial block: 5 x 40 */
@@ -674,7 +674,7 @@ static void test_qmat_fp8(void **state)
     for (int r = 0; r < R2; r++)
         for (int c = 0; c < C2; c++)
             W[r * C2 + c] = (float)(ref_e4m3(q[r * C2 + c]) * 4.0);
-    struct cpu_qmat m2 = {CPU_W_FP8, R2, C2, q, s1, 0};
+    struct cpu_qmat m2 = {CPU_W_FP8, R2, C2, q, s1, 0, 0};
     check_qmat("fp8/small", &m2, W);
     free(q);
     free(W);
@@ -697,7 +697,7 @@ static void test_qmat_mxfp4(void **state)
             int code = c % 2 == 0 ? byte & 15 : byte >> 4; /* low nibble = even element */
             W[r * C + c] = (float)(E2M1[code] * ldexp(1.0, sc[r * (C / 32) + c / 32] - 127));
         }
-    struct cpu_qmat m = {CPU_W_MXFP4, R, C, q, sc, 0};
+    struct cpu_qmat m = {CPU_W_MXFP4, R, C, q, sc, 0, 0};
     check_qmat("mxfp4", &m, W);
     /* a hand-checked element: byte 0x9b = low 0xb (-1.5), high 0x9 (-0.5); scale 2^2 */
     q[0] = 0x9b;
