@@ -143,6 +143,8 @@ struct cuda_impl {
     int exact;    /* the CPU's arithmetic op for op; else tensor-core linears */
     int fp8_kv;   /* KV entries and indexer keys in FP8 (fast path, model numerics) */
     int progress; /* load progress on stderr */
+    int n_slots;  /* sequence slots (the spare one for padding rows is n_slots) */
+    int max_len;  /* longest sequence the memory plan sized the indexer workspace for */
     int prof;     /* DSV4_CUDA_PROFILE: per op group times on stderr */
     double prof_t, prof_acc[PR_N];
     struct kern_blas *blas;  /* cuBLAS (BF16-weight linears of the fast path), owned */
@@ -739,16 +741,19 @@ static int scratch_reserve(struct cuda_impl *ci, int T, int ld)
     int nld = ld > ci->ld_cap ? (ld > 2 * ci->ld_cap ? ld : 2 * ci->ld_cap) : ci->ld_cap;
     size_t bytes = scratch_layout(ci, nT, nld, NULL, NULL);
     void *p = NULL;
-    /* the old scratch may still be read by the previous step's kernels */
+    /* the old scratch may still be read by the previous step's kernels; freed before the new
+     * one is allocated (no moment holding both) */
     int rc = kern_stream_sync(ci->stream);
+    graphs_clear(ci); /* they address the old scratch */
+    kern_free(ci->smem);
+    ci->smem = NULL;
+    ci->T_cap = ci->ld_cap = 0;
     if (!rc)
         rc = kern_malloc(&p, bytes);
     if (rc)
         return err_setf(ERR_CUDA,
                         "cuda backend: cannot allocate %zu bytes of scratch for %d rows: %s", bytes,
                         nT, kern_last_error());
-    graphs_clear(ci); /* they address the old scratch */
-    kern_free(ci->smem);
     ci->smem = p;
     ci->smem_bytes = bytes;
     ci->moe_ws_bytes = ci->nvfp4 ? kern_moe_workspace_bytes(&ci->layers[0].moe, nT) : 0;
@@ -938,7 +943,10 @@ static int lin_grouped(struct cuda_impl *ci, const struct dev_lin *W, const floa
         return split ? kern_add_split(s->ysplit, T, rows, y, ldy, st) : 0;
     }
     if (!ci->exact && W->q.fmt == KERN_W_BF16 && !grp_rows) {
-        float *yo = split ? (rows > ci->split_rows ? ci->logits_split : s->ysplit) : y;
+        /* the head's halves go to logits_split (2 n_slots rows), the others' to ysplit */
+        if (split && (W == &ci->head ? R > 2 * ci->n_slots : rows > ci->split_rows))
+            return ERR_INVAL;
+        float *yo = split ? (W == &ci->head ? ci->logits_split : s->ysplit) : y;
         if ((rc = act_to_xb(ci, x, ldx, T, cols, 0, NULL, split, 0)) ||
             (rc = kern_blas_gemm_bf16(ci->blas, W->q.w, rows, cols, s->xb, cols, R, yo,
                                       split ? rows : ldy)))
@@ -1237,6 +1245,8 @@ static int cuda_step(struct backend *bk, const struct backend_seq *seqs, int nse
             PB *= 2;
         if (PB > c->max_position_embeddings)
             PB = (int)c->max_position_embeddings;
+        if (PB > ci->max_len) /* stay inside the planned workspace when the plan covers it */
+            PB = ci->max_len > max_pos ? ci->max_len : max_pos;
         T = nsel = B;
         total_bt = B * dsv4_kv_blocks_for(PB) + 1;
         max_pos = PB;
@@ -1318,8 +1328,10 @@ static int cuda_step(struct backend *bk, const struct backend_seq *seqs, int nse
             rc = enqueue_step(ci, &b, meta_ints, nsel, rows_d, rows_lg ? ci->out_h : NULL, picks_d);
             void *exec = NULL;
             int rc2 = kern_graph_end(ci->stream, &exec);
-            if (rc)
+            if (rc) {
+                kern_graph_free(exec); /* a partial capture, if it was instantiated */
                 return rc;
+            }
             if (rc2)
                 return err_setf(ERR_CUDA, "cuda backend: graph capture of a %d-row step: %s", B,
                                 kern_last_error());
@@ -1479,11 +1491,12 @@ static void lin_widths(struct cuda_impl *ci)
     MAXI(sr, 2 * hd);
     MAXI(sr, 2 * c->index_head_dim);
     MAXI(sr, c->index_n_heads);
-    if (!ci->quant) {
+    if (!ci->quant || c->linear_fmt != DSV4_WFMT_FP8_BLOCK) { /* every linear splits */
         MAXI(sr, H * hd);
         MAXI(sr, c->index_n_heads * c->index_head_dim);
         MAXI(sr, c->q_lora_rank);
         MAXI(sr, c->moe_inter);
+        MAXI(sr, c->n_routed_experts); /* the exact path's router gate */
     }
 #undef MAXI
     ci->max_cols = mc;
@@ -1513,6 +1526,8 @@ int backend_cuda_new_opts(struct backend **out, struct dsv4_model *m,
     ci->quant = m->numerics == DSV4_NUMERICS_MODEL;
     ci->exact = o->exact;
     ci->progress = o->progress;
+    ci->n_slots = n_slots;
+    ci->max_len = o->max_model_len;
     ci->prof = getenv("DSV4_CUDA_PROFILE") != NULL;
     {
         const char *g = getenv("DSV4_CUDA_GRAPHS");
@@ -1529,8 +1544,15 @@ int backend_cuda_new_opts(struct backend **out, struct dsv4_model *m,
     ci->fp8_kv = !ci->exact && ci->quant && c->rope_dim < c->head_dim &&
                  (c->head_dim - c->rope_dim) % 64 == 0 && c->index_head_dim % 32 == 0;
     lin_widths(ci);
+    if (o->max_step_tokens > 65535) {
+        rc = err_setf(ERR_INVAL,
+                      "cuda backend: at most 65535 tokens per step (the kernels' grid "
+                      "rows); --max-num-batched-tokens is %d",
+                      o->max_step_tokens);
+        goto fail;
+    }
     if (n_slots < 1 || o->n_blocks < 0 || o->max_step_tokens < 1 || !(o->mem_util > 0) ||
-        o->mem_util > 1) {
+        o->mem_util > 1 || o->max_model_len < 1) {
         rc = err_setf(ERR_INVAL,
                       "cuda backend: %d slots, %d blocks, %d step tokens, memory "
                       "fraction %g",
@@ -1562,9 +1584,10 @@ int backend_cuda_new_opts(struct backend **out, struct dsv4_model *m,
     cache_layout(ci, &slot_b, &block_b);
     const size_t V = (size_t)c->vocab_size, F = sizeof(float);
     const int ld0 = o->max_model_len / 4 + 1;
-    const size_t scratch = scratch_layout(
-        ci, o->max_step_tokens, ld0, NULL,
-        NULL); /* rows, hi/lo halves (also the sampler's workspace); + a pinned host copy */
+    /* the largest step: a prefill budget or a decode step of every slot (a graph bucket) */
+    const int plan_T = o->max_step_tokens > n_slots ? o->max_step_tokens : n_slots;
+    const size_t scratch = scratch_layout(ci, plan_T, ld0, NULL, NULL);
+    /* rows, hi/lo halves (also the sampler's workspace); + a pinned host copy */
     const size_t logits = F * V * (size_t)n_slots * 3;
     const size_t blas_ws = ci->exact ? 0 : (size_t)32 << 20;
     /* one spare slot and block beyond those counted: the padding rows of graph steps */
@@ -1592,6 +1615,8 @@ int backend_cuda_new_opts(struct backend **out, struct dsv4_model *m,
     }
     {
         double fit = (budget - (double)fixed) / (double)block_b - 1;
+        if (fit > (double)(1 << 30))
+            fit = (double)(1 << 30);
         long want = o->n_blocks ? o->n_blocks : (long)fit;
         if (o->exact_blocks && want > fit) {
             rc = err_setf(ERR_NOMEM,
@@ -1668,7 +1693,7 @@ int backend_cuda_new_opts(struct backend **out, struct dsv4_model *m,
                       kern_last_error());
         goto fail;
     }
-    if ((rc = scratch_reserve(ci, o->max_step_tokens, ld0)) ||
+    if ((rc = scratch_reserve(ci, plan_T, ld0)) ||
         (rc = meta_reserve(ci, (size_t)8 * n_slots +
                                    (size_t)n_slots * dsv4_kv_blocks_for(o->max_model_len) + 1)))
         goto fail;

@@ -79,22 +79,25 @@ int32_t sampler_sample(const struct engine_sampling *sp, float *logits, int V,
     if (counts && counts->generated && (sp->presence_penalty != 0 || sp->frequency_penalty != 0))
         for (int t = 0; t < V; t++)
             if (counts->generated[t])
-                logits[t] -= sp->presence_penalty + sp->frequency_penalty * (float)counts->generated[t];
+                logits[t] -=
+                    sp->presence_penalty + sp->frequency_penalty * (float)counts->generated[t];
     /* one draw per token whatever the mode, so the stream stays aligned */
     double u = sampler_uniform(rng);
     if (sp->temperature <= 0.0f)
         return argmax(logits, V);
-    float *p = work;                                 /* (V) probabilities, unnormalised */
-    int32_t *cand = (int32_t *)(p + V);              /* (V) candidate ids */
+    float *p = work;                    /* (V) probabilities, unnormalised */
+    int32_t *cand = (int32_t *)(p + V); /* (V) candidate ids */
     float mx = logits[argmax(logits, V)];
     float inv_t = 1.0f / sp->temperature;
     for (int t = 0; t < V; t++)
-        p[t] = expf((logits[t] - mx) * inv_t);       /* p[max] = 1 */
+        p[t] = expf((logits[t] - mx) * inv_t);        /* p[max] = 1 */
     float floor_p = sp->min_p > 0 ? sp->min_p : 0.0f; /* min-p relative to the top token */
     int nc = 0;
     for (int t = 0; t < V; t++)
         if (p[t] > 0 && p[t] >= floor_p)
             cand[nc++] = t;
+    if (nc == 0) /* no finite probability (a NaN row): the argmax, as greedy would */
+        return argmax(logits, V);
     int need_sort = (sp->top_k > 0 && sp->top_k < nc) || (sp->top_p > 0 && sp->top_p < 1.0f);
     if (need_sort) {
         sort_key = p; /* engine thread only: qsort has no context argument in C11 */

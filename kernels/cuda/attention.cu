@@ -93,8 +93,10 @@ extern "C" int kern_sink_attention(const struct kern_batch *b, const struct kern
     static size_t smem_set = 48 * 1024;
     if (smem > smem_set) {
         if (cudaFuncSetAttribute(sink_attn_k, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 (int)smem) != cudaSuccess)
+                                 (int)smem) != cudaSuccess) {
+            (void)cudaGetLastError(); /* not a launch failure of a later kernel */
             return ERR_UNSUPPORTED; /* too many keys for one block: a split-K kernel is needed */
+        }
         smem_set = smem;
     }
     sink_attn_k<<<b->T * H, ATT_THREADS, smem, st>>>(*b, *c, *l, q, kv, sel, topk, sinks, H, hd, W,

@@ -211,8 +211,10 @@ extern "C" int kern_sink_attention_fast(const struct kern_batch *b, const struct
     static size_t smem_set = 48 * 1024;
     if (smem > smem_set) {
         if (cudaFuncSetAttribute(sink_attn_fast_k, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 (int)smem) != cudaSuccess)
+                                 (int)smem) != cudaSuccess) {
+            (void)cudaGetLastError(); /* not a launch failure of a later kernel */
             return ERR_UNSUPPORTED;
+        }
         smem_set = smem;
     }
     const int nk_max = W + (l->ratio == 4 ? topk : (l->ratio ? b->max_pos / l->ratio : 0));

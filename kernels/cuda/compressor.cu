@@ -146,7 +146,7 @@ __global__ void compress_state_k(struct kern_batch b, struct kern_cache c,
             continue;
         }
         float kv[8], sc[8]; /* overlap: ratio 4, rows (gn-1)*4.. and gn*4.. up to `last` */
-        for (int r = 0; r < 2 * ratio && r < 8; r++)
+        for (int r = 0; r < 2 * ratio && r < 8 && (gn - 1) * ratio + r <= last; r++)
             comp_fetch(q, (gn - 1) * ratio + r, k, &kv[r], &sc[r]);
         for (int r = 0; r < 2 * ratio && r < 8; r++) {
             if ((gn - 1) * ratio + r > last)

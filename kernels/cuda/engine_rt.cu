@@ -8,9 +8,11 @@
 
 #include "engine/err.h"
 
+int kern__map_error(cudaError_t e); /* runtime.cu: records e for kern_last_error */
+
 static int rt_map(cudaError_t e)
 {
-    return e == cudaSuccess ? 0 : ERR_CUDA;
+    return kern__map_error(e);
 }
 
 extern "C" int kern_stream_new(struct CUstream_st **out)

@@ -76,8 +76,10 @@ extern "C" int kern_indexer_topk_fast(const struct kern_batch *b, const struct k
     static size_t smem_set = 48 * 1024;
     if (smem > smem_set) {
         if (cudaFuncSetAttribute(indexer_fast_k, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 (int)smem) != cudaSuccess)
+                                 (int)smem) != cudaSuccess) {
+            (void)cudaGetLastError(); /* not a launch failure of a later kernel */
             return ERR_UNSUPPORTED;
+        }
         smem_set = smem;
     }
     indexer_fast_k<<<b->T, IDXF_THREADS, smem, st>>>(*b, *c, *l, qi, wi, Hi, Di, topk, scores,

@@ -18,6 +18,12 @@ static int map(cudaError_t e)
     return ERR_CUDA;
 }
 
+/* The other runtime wrappers (engine_rt.cu) record their failures for kern_last_error too. */
+int kern__map_error(cudaError_t e)
+{
+    return map(e);
+}
+
 extern "C" int kern_device_count(void)
 {
     int n = 0;

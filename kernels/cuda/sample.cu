@@ -261,7 +261,8 @@ __global__ void __launch_bounds__(SMP_THREADS)
             b = min(b, sbest[w]);
             la = max(la, slast[w]);
         }
-        out[row] = b != 0x7fffffff ? b : la;
+        out[row] = b != 0x7fffffff ? b : (la >= 0 ? la : 0); /* nothing kept (NaN row): 0, as
+                                                              * the host's argmax */
     }
 }
 
