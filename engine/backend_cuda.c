@@ -902,14 +902,13 @@ static int act_to_xb(struct cuda_impl *ci, const float *x, int ldx, int T, int w
         ci->xb_split == split && ci->xb_perm == perm)
         return 0;
     ci->xb_src = NULL;
-    const float *src = x;
-    if (fp8) {
-        if ((rc = kern_act_quant_fp8(x, T, w, xq_buf, ci->stream)))
-            return rc;
-        src = xq_buf;
-        ldx = w;
-    }
-    if ((rc = kern_act_bf16(src, ldx, T, w, split, perm, s->xb, ci->stream)))
+    if (fp8 && !split)
+        rc = kern_act_quant_bf16(x, ldx, T, w, perm, s->xb, ci->stream);
+    else if (fp8 && (rc = kern_act_quant_fp8(x, T, w, xq_buf, ci->stream)) == 0)
+        rc = kern_act_bf16(xq_buf, w, T, w, split, perm, s->xb, ci->stream);
+    else if (!fp8)
+        rc = kern_act_bf16(x, ldx, T, w, split, perm, s->xb, ci->stream);
+    if (rc)
         return rc;
     ci->xb_src = x, ci->xb_T = T, ci->xb_w = w, ci->xb_fp8 = fp8;
     ci->xb_split = split, ci->xb_perm = perm;

@@ -183,6 +183,10 @@ int kern_d2h(void *dst, const void *src, size_t n); /* synchronous */
 int kern_memset(void *dst, int byte, size_t n);     /* synchronous */
 int kern_sync(void);                                /* device sync + last error */
 const char *kern_last_error(void);                  /* the last CUDA error string */
+/* DSV4_CUDA_TRACE set: time per kernel of the launches since the last report, on stderr
+ * (diagnosis: every launch between two events, no PDL; run without CUDA graphs); label NULL
+ * drops them. */
+void kern_trace_report(const char *label);
 
 /* ==== the DSV4 forward pass on the GPU (issue 8; engine/backend_cuda.c) ====
  *
@@ -284,6 +288,10 @@ int kern_rmsnorm(const float *x, const float *w, int T, int n, float eps, float 
                  struct CUstream_st *stream);
 /* out (T, cols) = FP8 round trip of x per 128 columns (cpu_act_quant_fp8); out may alias x. */
 int kern_act_quant_fp8(const float *x, int T, int cols, float *out, struct CUstream_st *stream);
+/* xb (T, cols) BF16 = that round trip of x (row stride ldx), in kern_act_bf16's layout (perm:
+ * its permuted order); exact, as FP8 values are BF16 values. */
+int kern_act_quant_bf16(const float *x, int ldx, int T, int cols, int perm, uint16_t *xb,
+                        struct CUstream_st *stream);
 /* q (T, H, hd) in place: weightless RMSNorm per head, RoPE of the trailing rope_dim dims. */
 int kern_q_heads(float *q, const struct kern_batch *b, int H, int hd, int rope_dim,
                  const float *inv_freq, float eps, struct CUstream_st *stream);

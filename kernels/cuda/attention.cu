@@ -19,6 +19,8 @@ __global__ void sink_attn_k(struct kern_batch b, struct kern_cache c, struct ker
                             const float *sinks, int H, int hd, int W, int rope_dim,
                             const float *inv_freq, float *o)
 {
+    kern__pdl_wait();
+    kern__pdl_launch();
     extern __shared__ __align__(16) float sm[];
     __shared__ float s_mx, s_inv;
     const int t = blockIdx.x / H, h = blockIdx.x % H;
@@ -95,12 +97,13 @@ extern "C" int kern_sink_attention(const struct kern_batch *b, const struct kern
         if (cudaFuncSetAttribute(sink_attn_k, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                  (int)smem) != cudaSuccess) {
             (void)cudaGetLastError(); /* not a launch failure of a later kernel */
-            return ERR_UNSUPPORTED; /* too many keys for one block: a split-K kernel is needed */
+            return ERR_UNSUPPORTED;   /* too many keys for one block: a split-K kernel is needed */
         }
         smem_set = smem;
     }
-    sink_attn_k<<<b->T * H, ATT_THREADS, smem, st>>>(*b, *c, *l, q, kv, sel, topk, sinks, H, hd, W,
-                                                     rope_dim, inv_freq, o);
+    if (kern__launch(sink_attn_k, b->T * H, ATT_THREADS, smem, st, 1, *b, *c, *l, q, kv, sel, topk,
+                     sinks, H, hd, W, rope_dim, inv_freq, o))
+        return ERR_CUDA;
     EX_LAUNCH_CHECK();
     return 0;
 }
@@ -108,6 +111,8 @@ extern "C" int kern_sink_attention(const struct kern_batch *b, const struct kern
 __global__ void window_write_k(struct kern_batch b, struct kern_cache c, struct kern_layer_cache l,
                                const float *kv, int hd, int W)
 {
+    kern__pdl_wait();
+    kern__pdl_launch();
     const int t = blockIdx.x, s = b.row_seq[t];
     const int row0 = b.seq_row0[s], n = b.seq_n[s], i = t - row0;
     if (i < n - W)
@@ -128,7 +133,8 @@ extern "C" int kern_window_write(const struct kern_batch *b, const struct kern_c
 {
     if (b->T <= 0)
         return 0;
-    window_write_k<<<b->T, 128, 0, st>>>(*b, *c, *l, kv, hd, W);
+    if (kern__launch(window_write_k, b->T, 128, 0, st, 1, *b, *c, *l, kv, hd, W))
+        return ERR_CUDA;
     EX_LAUNCH_CHECK();
     return 0;
 }

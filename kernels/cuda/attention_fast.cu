@@ -1,10 +1,10 @@
 /*
  * attention_fast.cu - the sink attention of the GPU engine's fast path: the same keys in the
- * same order as attention.cu (attention.cuh; FP32 or FP8 entries, kvfmt.cuh), but one block per (row, group of up to 32 heads):
- * the keys (the values too: one shared latent per token) are staged in shared memory 32 at a
- * time and used by every head of the group, one warp per head, with an online softmax (running
- * maximum, starting from the sink) in FP32. Then each head's inverse RoPE. Summation orders
- * differ from the exact kernel; nothing else does.
+ * same order as attention.cu (attention.cuh; FP32 or FP8 entries, kvfmt.cuh), but one block per
+ * (row, group of up to 32 heads): the keys (the values too: one shared latent per token) are staged
+ * in shared memory 32 at a time and used by every head of the group, one warp per head, with an
+ * online softmax (running maximum, starting from the sink) in FP32. Then each head's inverse RoPE.
+ * Summation orders differ from the exact kernel; nothing else does.
  *
  * A warp's heads: q and the output accumulators in registers, element lane + 32 r (r < hd / 32);
  * each key element is read from shared memory once for both heads.
@@ -20,6 +20,7 @@
 #define ATTF_KC   32 /* keys per shared-memory chunk */
 #define ATTF_MAXR 16 /* hd <= 512 */
 #define ATTF_HPW  2  /* heads per warp (each staged key value is loaded once for them) */
+#define ATTF_MAXS 16 /* key splits at most (attf_splits) */
 
 __global__ void __launch_bounds__(512)
     sink_attn_fast_k(struct kern_batch b, struct kern_cache c, struct kern_layer_cache l,
@@ -27,6 +28,8 @@ __global__ void __launch_bounds__(512)
                      const float *sinks, int H, int hd, int W, int rope_dim, const float *inv_freq,
                      float *o, float *part)
 {
+    kern__pdl_wait();
+    kern__pdl_launch();
     extern __shared__ __align__(16) float keys[]; /* (ATTF_KC, hd) */
     const int t = blockIdx.x, nw = blockDim.x >> 5, warp = threadIdx.x >> 5,
               lane = threadIdx.x & 31;
@@ -148,22 +151,36 @@ __global__ void __launch_bounds__(512)
 __global__ void attn_combine_k(const float *part, int T, int H, int hd, int S, int rope_dim,
                                const float *inv_freq, const int32_t *row_pos, float *o)
 {
+    kern__pdl_wait();
+    kern__pdl_launch();
     const int gw = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (gw >= T * H)
         return;
     const int t = gw / H;
     const float *p = part + (size_t)gw * S * (hd + 2);
-    float M = -INFINITY;
-    for (int z = 0; z < S; z++)
-        M = fmaxf(M, p[(size_t)z * (hd + 2)]);
-    float den = 0.0f;
-    for (int z = 0; z < S; z++)
-        den += p[(size_t)z * (hd + 2) + 1] * expf(p[(size_t)z * (hd + 2)] - M);
+    /* lane z < S holds split z's max; every weight exp(m_z - M) is computed once (by lane z)
+     * and the sums run in split order as before */
+    const float mz = lane < S ? p[(size_t)lane * (hd + 2)] : -INFINITY;
+    float M = mz;
+    for (int o = 16; o; o >>= 1)
+        M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+    const float wz = lane < S ? expf(mz - M) : 0.0f;
+    const float dz = lane < S ? p[(size_t)lane * (hd + 2) + 1] * wz : 0.0f;
+    float wt[ATTF_MAXS], den = 0.0f;
+#pragma unroll
+    for (int z = 0; z < ATTF_MAXS; z++) {
+        wt[z] = __shfl_sync(0xffffffffu, wz, z);
+        const float dv = __shfl_sync(0xffffffffu, dz, z);
+        if (z < S)
+            den += dv;
+    }
     float *oh = o + (size_t)gw * hd;
     for (int i = lane; i < hd; i += 32) {
         float v = 0.0f;
-        for (int z = 0; z < S; z++)
-            v += p[(size_t)z * (hd + 2) + 2 + i] * expf(p[(size_t)z * (hd + 2)] - M);
+#pragma unroll
+        for (int z = 0; z < ATTF_MAXS; z++)
+            if (z < S)
+                v += p[(size_t)z * (hd + 2) + 2 + i] * wt[z];
         oh[i] = v / den;
     }
     __syncwarp();
@@ -179,12 +196,12 @@ static int attf_sms(void)
     return sms;
 }
 
-/* Key splits for T rows: enough blocks for two waves, at most 16, at least one chunk each. */
-static int attf_splits(int T, int H, int nk_max)
+/* Key splits for T rows in `groups` head groups: enough blocks for two waves, at most
+ * ATTF_MAXS, at least one chunk each. */
+static int attf_splits(int T, int groups, int nk_max)
 {
-    const int groups = (H + 16 * ATTF_HPW - 1) / (16 * ATTF_HPW);
     long want = (2L * attf_sms() + (long)T * groups - 1) / ((long)T * groups);
-    int S = want < 16 ? (int)want : 16, nch = (nk_max + ATTF_KC - 1) / ATTF_KC;
+    int S = want < ATTF_MAXS ? (int)want : ATTF_MAXS, nch = (nk_max + ATTF_KC - 1) / ATTF_KC;
     S = S < nch ? S : nch;
     return S < 1 ? 1 : S;
 }
@@ -207,6 +224,7 @@ extern "C" int kern_sink_attention_fast(const struct kern_batch *b, const struct
     if ((l->ratio == 4 && !sel) || hd % 128 || hd > 32 * ATTF_MAXR || b->T > 0x7fffffff)
         return l->ratio == 4 && !sel ? ERR_INVAL : ERR_UNSUPPORTED;
     const int hg = H < 16 * ATTF_HPW ? H : 16 * ATTF_HPW; /* heads per block */
+    const int nk_max = W + (l->ratio == 4 ? topk : (l->ratio ? b->max_pos / l->ratio : 0));
     const size_t smem = sizeof(float) * ATTF_KC * (size_t)hd;
     static size_t smem_set = 48 * 1024;
     if (smem > smem_set) {
@@ -217,16 +235,17 @@ extern "C" int kern_sink_attention_fast(const struct kern_batch *b, const struct
         }
         smem_set = smem;
     }
-    const int nk_max = W + (l->ratio == 4 ? topk : (l->ratio ? b->max_pos / l->ratio : 0));
-    const int S = ws ? attf_splits(b->T, H, nk_max) : 1;
+    const int S = ws ? attf_splits(b->T, (H + hg - 1) / hg, nk_max) : 1;
     dim3 grid((unsigned)b->T, (unsigned)((H + hg - 1) / hg), (unsigned)S);
-    sink_attn_fast_k<<<grid, 32 * ((hg + ATTF_HPW - 1) / ATTF_HPW), smem, st>>>(
-        *b, *c, *l, q, kv, sel, topk, sinks, H, hd, W, rope_dim, inv_freq, o, ws);
+    if (kern__launch(sink_attn_fast_k, grid, 32 * ((hg + ATTF_HPW - 1) / ATTF_HPW), smem, st, 1, *b,
+                     *c, *l, q, kv, sel, topk, sinks, H, hd, W, rope_dim, inv_freq, o, ws))
+        return ERR_CUDA;
     EX_LAUNCH_CHECK();
     if (S > 1) {
         const int warps = b->T * H;
-        attn_combine_k<<<(warps + 7) / 8, 256, 0, st>>>(ws, b->T, H, hd, S, rope_dim, inv_freq,
-                                                        b->row_pos, o);
+        if (kern__launch(attn_combine_k, (warps + 7) / 8, 256, 0, st, 1, ws, b->T, H, hd, S,
+                         rope_dim, inv_freq, b->row_pos, o))
+            return ERR_CUDA;
         EX_LAUNCH_CHECK();
     }
     return 0;

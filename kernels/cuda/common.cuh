@@ -80,7 +80,18 @@ __device__ __forceinline__ void kern__pdl_launch(void)
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 }
 
-/* Launch `kern` with programmatic stream serialization (pdl != 0) or plainly. */
+/* 0 when DSV4_CUDA_PDL=0 or DSV4_CUDA_TRACE is set (read once): every launch then plain, for
+ * A/B timing (runtime.cu). */
+int kern__pdl_on(void);
+/* DSV4_CUDA_TRACE: events around every kern__launch (kern_trace_report() prints them). */
+int kern__trace_on(void);
+void kern__trace(const void *fn, cudaStream_t st, int after);
+
+/* Launch `kern` with programmatic stream serialization (pdl != 0) or plainly. Every kernel so
+ * launched starts with kern__pdl_wait() before it touches what a predecessor wrote (the MoE
+ * kernels prefetch static weights first) and signals with kern__pdl_launch() after it, so the
+ * next kernel's blocks are resident when this one ends: in a CUDA graph of short kernels this
+ * hides most of the launch gap. */
 template <typename... P, typename... A>
 static int kern__launch(void (*kern)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t st,
                         int pdl, A... args)
@@ -94,8 +105,23 @@ static int kern__launch(void (*kern)(P...), dim3 grid, dim3 block, size_t smem, 
     at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     at[0].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = at;
-    cfg.numAttrs = pdl ? 1 : 0;
-    return cudaLaunchKernelEx(&cfg, kern, args...) == cudaSuccess ? 0 : ERR_CUDA;
+    cfg.numAttrs = pdl && kern__pdl_on() ? 1 : 0;
+    const int trace = kern__trace_on();
+    if (trace)
+        kern__trace((const void *)kern, st, 0);
+    const cudaError_t e = cudaLaunchKernelEx(&cfg, kern, args...);
+    if (trace)
+        kern__trace((const void *)kern, st, 1);
+    return e == cudaSuccess ? 0 : ERR_CUDA;
+}
+
+/* Position of element i (of a row) in the permuted activation layout of the wgmma path
+ * (kern_act_bf16 with perm; kernels/cuda/moe_nvfp4.cu) */
+__device__ __forceinline__ int perm64(int i)
+{
+    int q = i & 63, w = q >> 1;
+    int c = w >> 3, s = (w >> 1) & 3, h = w & 1;
+    return (i & ~63) | ((8 * s + 4 * h + c) << 1) | (q & 1);
 }
 
 /* ---- wgmma (sm_90a) ---- */

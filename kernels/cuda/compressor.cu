@@ -76,6 +76,8 @@ __global__ void compress_entries_k(struct kern_batch b, struct kern_cache c,
                                    int indexer, int rope_dim, const float *inv_freq, float eps,
                                    int quant)
 {
+    kern__pdl_wait();
+    kern__pdl_launch();
     extern __shared__ __align__(16) float e[]; /* (D) the pooled entry */
     __shared__ float red, scales[128];
     const int s = blockIdx.y;
@@ -133,6 +135,8 @@ __global__ void compress_state_k(struct kern_batch b, struct kern_cache c,
                                  struct kern_layer_cache l, const float *a, const float *z,
                                  const float *ape, int D, int overlap, int indexer)
 {
+    kern__pdl_wait();
+    kern__pdl_launch();
     const int s = blockIdx.x;
     const struct comp_seq q = comp_seq_of(b, c, l, s, a, z, ape, D, overlap, indexer);
     const int ratio = q.ratio;
@@ -169,10 +173,13 @@ extern "C" int kern_compress(const struct kern_batch *b, const struct kern_cache
         return 0;
     const int max_n = b->max_n > 0 ? b->max_n : b->T;
     dim3 grid((unsigned)((max_n + l->ratio - 1) / l->ratio + 1), (unsigned)b->nseq);
-    compress_entries_k<<<grid, COMP_THREADS, sizeof(float) * (size_t)D, st>>>(
-        *b, *c, *l, a, z, ape, norm, D, overlap, indexer, rope_dim, inv_freq, eps, quant);
+    if (kern__launch(compress_entries_k, grid, COMP_THREADS, sizeof(float) * (size_t)D, st, 1, *b,
+                     *c, *l, a, z, ape, norm, D, overlap, indexer, rope_dim, inv_freq, eps, quant))
+        return ERR_CUDA;
     EX_LAUNCH_CHECK();
-    compress_state_k<<<b->nseq, COMP_THREADS, 0, st>>>(*b, *c, *l, a, z, ape, D, overlap, indexer);
+    if (kern__launch(compress_state_k, b->nseq, COMP_THREADS, 0, st, 1, *b, *c, *l, a, z, ape, D,
+                     overlap, indexer))
+        return ERR_CUDA;
     EX_LAUNCH_CHECK();
     return 0;
 }

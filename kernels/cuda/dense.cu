@@ -5,6 +5,8 @@
  * One block per row (or per row and head); reductions that the CPU does sequentially are done
  * sequentially by thread 0 in the same order.
  */
+#include <cuda_bf16.h>
+
 #include "kernels/cuda/exact.cuh"
 
 #define HC_MAX        16
@@ -15,6 +17,8 @@
 template <int FMT>
 __global__ void embed_k(struct kern_qmat E, const int32_t *tokens, int n_hc, float *X)
 {
+    kern__pdl_wait();
+    kern__pdl_launch();
     const int t = blockIdx.x, d = E.cols;
     const int tok = tokens[t];
     float *Xt = X + (size_t)t * n_hc * d; /* (n_hc, d) */
@@ -32,13 +36,16 @@ extern "C" int kern_embed(const struct kern_qmat *E, const int32_t *tokens, int 
         return 0;
     switch (E->fmt) {
     case KERN_W_F32:
-        embed_k<KERN_W_F32><<<T, DENSE_THREADS, 0, st>>>(*E, tokens, n_hc, X);
+        if (kern__launch(embed_k<KERN_W_F32>, T, DENSE_THREADS, 0, st, 1, *E, tokens, n_hc, X))
+            return ERR_CUDA;
         break;
     case KERN_W_BF16:
-        embed_k<KERN_W_BF16><<<T, DENSE_THREADS, 0, st>>>(*E, tokens, n_hc, X);
+        if (kern__launch(embed_k<KERN_W_BF16>, T, DENSE_THREADS, 0, st, 1, *E, tokens, n_hc, X))
+            return ERR_CUDA;
         break;
     case KERN_W_FP8:
-        embed_k<KERN_W_FP8><<<T, DENSE_THREADS, 0, st>>>(*E, tokens, n_hc, X);
+        if (kern__launch(embed_k<KERN_W_FP8>, T, DENSE_THREADS, 0, st, 1, *E, tokens, n_hc, X))
+            return ERR_CUDA;
         break;
     default:
         return ERR_UNSUPPORTED;
@@ -77,15 +84,15 @@ __global__ void hc_pre_k(const float *X, int n, int d, const float *fn, const fl
                          const float *scale, int iters, float hc_eps, float norm_eps,
                          const float *norm_w, float *x, float *post_out, float *comb_out)
 {
+    kern__pdl_wait();
+    kern__pdl_launch();
     __shared__ float mix[(2 + HC_MAX) * HC_MAX], pre[HC_MAX], comb[HC_MAX * HC_MAX], red;
     extern __shared__ __align__(16) float u[]; /* (d) */
     const int t = blockIdx.x, nmix = (2 + n) * n;
     const float *Xt = X + (size_t)t * n * d; /* (n, d) */
     hc_mix_block(Xt, n * d, fn, nmix, norm_eps, mix, &red);
-    if (threadIdx.x == 0)
-        ex_hc_gates(mix, n, base, scale, iters, hc_eps, pre, post_out + (size_t)t * n, comb,
-                    comb_out + (size_t)t * n * n);
-    __syncthreads();
+    ex_hc_gates(mix, n, base, scale, iters, hc_eps, pre, post_out + (size_t)t * n, comb,
+                comb_out + (size_t)t * n * n);
     for (int c = threadIdx.x; c < d; c += blockDim.x) {
         float acc = 0;
         for (int i = 0; i < n; i++)
@@ -106,8 +113,9 @@ extern "C" int kern_hc_pre(const float *X, int T, int n_hc, int d, const float *
         return ERR_UNSUPPORTED;
     if (T <= 0)
         return 0;
-    hc_pre_k<<<T, DENSE_THREADS, sizeof(float) * (size_t)d, st>>>(
-        X, n_hc, d, fn, base, scale, iters, hc_eps, norm_eps, norm_w, x, post, comb);
+    if (kern__launch(hc_pre_k, T, DENSE_THREADS, sizeof(float) * (size_t)d, st, 1, X, n_hc, d, fn,
+                     base, scale, iters, hc_eps, norm_eps, norm_w, x, post, comb))
+        return ERR_CUDA;
     EX_LAUNCH_CHECK();
     return 0;
 }
@@ -115,6 +123,8 @@ extern "C" int kern_hc_pre(const float *X, int T, int n_hc, int d, const float *
 __global__ void hc_post_k(const float *f, const float *R, const float *post, const float *comb,
                           int n, int d, float *Xout)
 {
+    kern__pdl_wait();
+    kern__pdl_launch();
     const int t = blockIdx.y;
     const float *ft = f + (size_t)t * d, *Rt = R + (size_t)t * n * d;
     const float *pt = post + (size_t)t * n, *ct = comb + (size_t)t * n * n;
@@ -135,7 +145,9 @@ extern "C" int kern_hc_post(const float *f, const float *R, const float *post, c
     if (T > 65535)
         return ERR_UNSUPPORTED;
     unsigned gx = (unsigned)((n_hc * d + DENSE_THREADS * 4 - 1) / (DENSE_THREADS * 4));
-    hc_post_k<<<dim3(gx, (unsigned)T), DENSE_THREADS, 0, st>>>(f, R, post, comb, n_hc, d, Xout);
+    if (kern__launch(hc_post_k, dim3(gx, (unsigned)T), DENSE_THREADS, 0, st, 1, f, R, post, comb,
+                     n_hc, d, Xout))
+        return ERR_CUDA;
     EX_LAUNCH_CHECK();
     return 0;
 }
@@ -144,6 +156,8 @@ __global__ void hc_head_k(const float *X, const int32_t *rows, int n, int d, con
                           const float *base, const float *scale, float hc_eps, float norm_eps,
                           const float *norm_w, float *y)
 {
+    kern__pdl_wait();
+    kern__pdl_launch();
     __shared__ float mix[HC_MAX], pre[HC_MAX], red;
     extern __shared__ __align__(16) float u[]; /* (d) */
     const int i = blockIdx.x;
@@ -172,8 +186,9 @@ extern "C" int kern_hc_head(const float *X, const int32_t *rows, int nsel, int n
         return ERR_UNSUPPORTED;
     if (nsel <= 0)
         return 0;
-    hc_head_k<<<nsel, DENSE_THREADS, sizeof(float) * (size_t)d, st>>>(
-        X, rows, n_hc, d, fn, base, scale, hc_eps, norm_eps, norm_w, y);
+    if (kern__launch(hc_head_k, nsel, DENSE_THREADS, sizeof(float) * (size_t)d, st, 1, X, rows,
+                     n_hc, d, fn, base, scale, hc_eps, norm_eps, norm_w, y))
+        return ERR_CUDA;
     EX_LAUNCH_CHECK();
     return 0;
 }
@@ -182,6 +197,8 @@ extern "C" int kern_hc_head(const float *X, const int32_t *rows, int nsel, int n
 
 __global__ void rmsnorm_k(const float *x, const float *w, int n, float eps, float *out)
 {
+    kern__pdl_wait();
+    kern__pdl_launch();
     __shared__ float red;
     extern __shared__ __align__(16) float v[]; /* (n) */
     const int t = blockIdx.x;
@@ -197,7 +214,9 @@ extern "C" int kern_rmsnorm(const float *x, const float *w, int T, int n, float 
 {
     if (T <= 0)
         return 0;
-    rmsnorm_k<<<T, DENSE_THREADS, sizeof(float) * (size_t)n, st>>>(x, w, n, eps, out);
+    if (kern__launch(rmsnorm_k, T, DENSE_THREADS, sizeof(float) * (size_t)n, st, 1, x, w, n, eps,
+                     out))
+        return ERR_CUDA;
     EX_LAUNCH_CHECK();
     return 0;
 }
@@ -205,6 +224,8 @@ extern "C" int kern_rmsnorm(const float *x, const float *w, int T, int n, float 
 /* one block per (row, 128-column block): the FP8 round trip of cpu_fp8_roundtrip(x, n, 128) */
 __global__ void act_quant_k(const float *x, int cols, float *out)
 {
+    kern__pdl_wait();
+    kern__pdl_launch();
     __shared__ float amax_w[4];
     const int t = blockIdx.y, b0 = blockIdx.x * 128, c = b0 + threadIdx.x;
     const int len = cols - b0 < 128 ? cols - b0 : 128;
@@ -224,7 +245,45 @@ extern "C" int kern_act_quant_fp8(const float *x, int T, int cols, float *out, c
 {
     if (T <= 0)
         return 0;
-    act_quant_k<<<dim3((cols + 127) / 128, T), 128, 0, st>>>(x, cols, out);
+    if (kern__launch(act_quant_k, dim3((cols + 127) / 128, T), 128, 0, st, 1, x, cols, out))
+        return ERR_CUDA;
+    EX_LAUNCH_CHECK();
+    return 0;
+}
+
+/* act_quant_k's round trip written as BF16 (exact: an E4M3 value times a power of two) in the
+ * layout of kern_act_bf16 (row t of xb at t * cols, permuted when perm): one kernel where the
+ * tensor-core linears took two. */
+__global__ void act_quant_bf16_k(const float *x, int ldx, int cols, int perm, __nv_bfloat16 *xb)
+{
+    kern__pdl_wait();
+    kern__pdl_launch();
+    __shared__ float amax_w[4];
+    const int t = blockIdx.y, b0 = blockIdx.x * 128, c = b0 + threadIdx.x;
+    const int len = cols - b0 < 128 ? cols - b0 : 128;
+    float v = c < cols ? x[(size_t)t * ldx + c] : 0.0f;
+    float a = threadIdx.x < len ? fabsf(v) : 0.0f;
+    for (int o = 16; o > 0; o >>= 1)
+        a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
+    if ((threadIdx.x & 31) == 0)
+        amax_w[threadIdx.x >> 5] = a;
+    __syncthreads();
+    float amax = fmaxf(fmaxf(fmaxf(1e-4f, amax_w[0]), amax_w[1]), fmaxf(amax_w[2], amax_w[3]));
+    if (threadIdx.x < len)
+        xb[(size_t)t * cols + (perm ? (c & ~63) | perm64(c & 63) : c)] =
+            __float2bfloat16_rn(ex_fp8_rt(v, ex_pow2_scale(amax, 448.0f)));
+}
+
+extern "C" int kern_act_quant_bf16(const float *x, int ldx, int T, int cols, int perm, uint16_t *xb,
+                                   cudaStream_t st)
+{
+    if (T <= 0)
+        return 0;
+    if ((perm && cols % 64) || T > 65535)
+        return ERR_UNSUPPORTED;
+    if (kern__launch(act_quant_bf16_k, dim3((cols + 127) / 128, T), 128, 0, st, 1, x, ldx, cols,
+                     perm, (__nv_bfloat16 *)xb))
+        return ERR_CUDA;
     EX_LAUNCH_CHECK();
     return 0;
 }
@@ -235,6 +294,8 @@ extern "C" int kern_act_quant_fp8(const float *x, int T, int cols, float *out, c
 __global__ void q_heads_k(float *q, const int32_t *row_pos, int H, int hd, int rope_dim,
                           const float *inv_freq, float eps)
 {
+    kern__pdl_wait();
+    kern__pdl_launch();
     __shared__ float red;
     extern __shared__ __align__(16) float v[]; /* (hd) */
     const int t = blockIdx.x / H, h = blockIdx.x % H;
@@ -252,8 +313,9 @@ extern "C" int kern_q_heads(float *q, const struct kern_batch *b, int H, int hd,
 {
     if (b->T <= 0)
         return 0;
-    q_heads_k<<<b->T * H, 128, sizeof(float) * (size_t)hd, st>>>(q, b->row_pos, H, hd, rope_dim,
-                                                                 inv_freq, eps);
+    if (kern__launch(q_heads_k, b->T * H, 128, sizeof(float) * (size_t)hd, st, 1, q, b->row_pos, H,
+                     hd, rope_dim, inv_freq, eps))
+        return ERR_CUDA;
     EX_LAUNCH_CHECK();
     return 0;
 }
@@ -261,6 +323,8 @@ extern "C" int kern_q_heads(float *q, const struct kern_batch *b, int H, int hd,
 __global__ void kv_prep_k(float *kv, const int32_t *row_pos, int hd, const float *w, int rope_dim,
                           const float *inv_freq, float eps, int quant)
 {
+    kern__pdl_wait();
+    kern__pdl_launch();
     __shared__ float red, scales[64];
     extern __shared__ __align__(16) float v[]; /* (hd) */
     const int t = blockIdx.x;
@@ -283,8 +347,9 @@ extern "C" int kern_kv_prep(float *kv, const struct kern_batch *b, int hd, const
         return ERR_UNSUPPORTED;
     if (b->T <= 0)
         return 0;
-    kv_prep_k<<<b->T, 128, sizeof(float) * (size_t)hd, st>>>(kv, b->row_pos, hd, w, rope_dim,
-                                                             inv_freq, eps, quant);
+    if (kern__launch(kv_prep_k, b->T, 128, sizeof(float) * (size_t)hd, st, 1, kv, b->row_pos, hd, w,
+                     rope_dim, inv_freq, eps, quant))
+        return ERR_CUDA;
     EX_LAUNCH_CHECK();
     return 0;
 }
@@ -293,6 +358,8 @@ extern "C" int kern_kv_prep(float *kv, const struct kern_batch *b, int hd, const
 __global__ void iq_prep_k(float *qi, float *wi, const int32_t *row_pos, int Hi, int Di,
                           int rope_dim, const float *inv_freq, int quant)
 {
+    kern__pdl_wait();
+    kern__pdl_launch();
     __shared__ float scales[128];
     extern __shared__ __align__(16) float v[]; /* (Di) */
     const int t = blockIdx.x / Hi, h = blockIdx.x % Hi;
@@ -318,8 +385,9 @@ extern "C" int kern_iq_prep(float *qi, float *wi, const struct kern_batch *b, in
         return ERR_UNSUPPORTED;
     if (b->T <= 0)
         return 0;
-    iq_prep_k<<<b->T * Hi, 128, sizeof(float) * (size_t)Di, st>>>(qi, wi, b->row_pos, Hi, Di,
-                                                                  rope_dim, inv_freq, quant);
+    if (kern__launch(iq_prep_k, b->T * Hi, 128, sizeof(float) * (size_t)Di, st, 1, qi, wi,
+                     b->row_pos, Hi, Di, rope_dim, inv_freq, quant))
+        return ERR_CUDA;
     EX_LAUNCH_CHECK();
     return 0;
 }
@@ -329,6 +397,8 @@ extern "C" int kern_iq_prep(float *qi, float *wi, const struct kern_batch *b, in
 __global__ void swiglu_k(const float *g, const float *u, int I, float limit, const float *w,
                          int quant, float *h)
 {
+    kern__pdl_wait();
+    kern__pdl_launch();
     __shared__ float scales[64];
     extern __shared__ __align__(16) float v[]; /* (I) */
     const int p = blockIdx.x;
@@ -352,13 +422,17 @@ extern "C" int kern_swiglu(const float *g, const float *u, int P, int I, float l
         return ERR_UNSUPPORTED;
     if (P <= 0)
         return 0;
-    swiglu_k<<<P, DENSE_THREADS, sizeof(float) * (size_t)I, st>>>(g, u, I, limit, w, quant, h);
+    if (kern__launch(swiglu_k, P, DENSE_THREADS, sizeof(float) * (size_t)I, st, 1, g, u, I, limit,
+                     w, quant, h))
+        return ERR_CUDA;
     EX_LAUNCH_CHECK();
     return 0;
 }
 
 __global__ void moe_combine_k(const float *ys, const float *sh, int T, int K, int d, float *f)
 {
+    kern__pdl_wait();
+    kern__pdl_launch();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (size_t)T * d)
         return;
@@ -375,13 +449,16 @@ extern "C" int kern_moe_combine(const float *ys, const float *sh, int T, int K, 
     size_t n = (size_t)T * d;
     if (!n)
         return 0;
-    moe_combine_k<<<(unsigned)((n + 255) / 256), 256, 0, st>>>(ys, sh, T, K, d, f);
+    if (kern__launch(moe_combine_k, (unsigned)((n + 255) / 256), 256, 0, st, 1, ys, sh, T, K, d, f))
+        return ERR_CUDA;
     EX_LAUNCH_CHECK();
     return 0;
 }
 
 __global__ void fill_k(float *p, size_t n, float v)
 {
+    kern__pdl_wait();
+    kern__pdl_launch();
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (size_t)gridDim.x * blockDim.x)
         p[i] = v;
@@ -392,7 +469,8 @@ extern "C" int kern_fill_f32(float *p, size_t n, float v, cudaStream_t st)
     if (!n)
         return 0;
     size_t blocks = (n + 255) / 256;
-    fill_k<<<(unsigned)(blocks < 4096 ? blocks : 4096), 256, 0, st>>>(p, n, v);
+    if (kern__launch(fill_k, (unsigned)(blocks < 4096 ? blocks : 4096), 256, 0, st, 1, p, n, v))
+        return ERR_CUDA;
     EX_LAUNCH_CHECK();
     return 0;
 }

@@ -22,6 +22,7 @@
 
 #include "engine/err.h"
 #include "kernels/kernels.h"
+#include "kernels/cuda/common.cuh"
 
 #define EX_LAUNCH_CHECK()                                                                          \
     do {                                                                                           \
@@ -222,50 +223,73 @@ __device__ __forceinline__ float ex_sumsq_seq(const float *x, int n)
 }
 
 /*
- * The mHC gates and the Sinkhorn iterations of cpu_hc_pre from the scaled mix (one thread):
- * pre (n), post (n), comb (n, n) working copy and comb_out (n, n).
+ * The mHC gates of one row (cpu_hc_gates), computed by the whole block: thread i < n makes pre[i]
+ * and post[i], thread j*n + k < n*n owns comb[j][k] (shared memory). Every element gets the same
+ * operations in the same order as the CPU's loops (each row and column sum is added in index
+ * order by every thread that needs it), so the results are bit-identical; only the n*n
+ * independent chains run side by side instead of one after the other (the 20 Sinkhorn iterations
+ * of a single thread took ~70 us per row). Call from every thread of the block (barriers);
+ * n*n <= blockDim.x.
  */
 __device__ __forceinline__ void ex_hc_gates(const float *mix, int n, const float *base,
-                                            const float *scale, int iters, float hc_eps,
-                                            float *pre, float *post, float *comb, float *comb_out)
+                                            const float *scale, int iters, float hc_eps, float *pre,
+                                            float *post, float *comb, float *comb_out)
 {
-    for (int i = 0; i < n; i++) {
-        pre[i] = ex_sigmoid(mix[i] * scale[0] + base[i]) + hc_eps;
-        post[i] = 2.0f * ex_sigmoid(mix[n + i] * scale[1] + base[n + i]);
+    const int t = threadIdx.x, j = t / n, k = t % n, own = t < n * n;
+    if (t < n) {
+        pre[t] = ex_sigmoid(mix[t] * scale[0] + base[t]) + hc_eps;
+        post[t] = 2.0f * ex_sigmoid(mix[n + t] * scale[1] + base[n + t]);
     }
-    for (int j = 0; j < n; j++) {
-        float *row = comb + j * n;
-        float mx = -INFINITY, sum = 0;
-        for (int k = 0; k < n; k++) {
-            row[k] = mix[2 * n + j * n + k] * scale[2] + base[2 * n + j * n + k];
-            mx = fmaxf(mx, row[k]);
-        }
-        for (int k = 0; k < n; k++) {
-            row[k] = ex_expf(row[k] - mx);
-            sum += row[k];
-        }
-        for (int k = 0; k < n; k++)
-            row[k] = row[k] / sum + hc_eps;
+    float v = 0.0f;
+    if (own)
+        comb[t] = mix[2 * n + t] * scale[2] + base[2 * n + t];
+    __syncthreads();
+    if (own) { /* softmax of row j */
+        float mx = -INFINITY;
+        for (int q = 0; q < n; q++)
+            mx = fmaxf(mx, comb[j * n + q]);
+        v = ex_expf(comb[t] - mx);
+    }
+    __syncthreads();
+    if (own)
+        comb[t] = v;
+    __syncthreads();
+    if (own) {
+        float sum = 0;
+        for (int q = 0; q < n; q++)
+            sum += comb[j * n + q];
+        v = v / sum + hc_eps;
     }
     for (int it = 0; it < iters; it++) {
-        if (it > 0)
-            for (int j = 0; j < n; j++) {
+        if (it > 0) { /* rows */
+            __syncthreads();
+            if (own)
+                comb[t] = v;
+            __syncthreads();
+            if (own) {
                 float s = 0;
-                for (int k = 0; k < n; k++)
-                    s += comb[j * n + k];
-                for (int k = 0; k < n; k++)
-                    comb[j * n + k] /= s + hc_eps;
+                for (int q = 0; q < n; q++)
+                    s += comb[j * n + q];
+                v /= s + hc_eps;
             }
-        for (int k = 0; k < n; k++) {
+        }
+        __syncthreads(); /* columns */
+        if (own)
+            comb[t] = v;
+        __syncthreads();
+        if (own) {
             float s = 0;
-            for (int j = 0; j < n; j++)
-                s += comb[j * n + k];
-            for (int j = 0; j < n; j++)
-                comb[j * n + k] /= s + hc_eps;
+            for (int q = 0; q < n; q++)
+                s += comb[q * n + k];
+            v /= s + hc_eps;
         }
     }
-    for (int i = 0; i < n * n; i++)
-        comb_out[i] = comb[i];
+    __syncthreads();
+    if (own) {
+        comb[t] = v;
+        comb_out[t] = v;
+    }
+    __syncthreads();
 }
 
 /*

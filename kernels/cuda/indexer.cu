@@ -17,6 +17,8 @@ __global__ void indexer_topk_k(struct kern_batch b, struct kern_cache c, struct 
                                const float *qi, const float *wi, int Hi, int Di, int topk,
                                float *scores, int ld, int32_t *sel)
 {
+    kern__pdl_wait();
+    kern__pdl_launch();
     const int t = blockIdx.x, s = b.row_seq[t], ratio = l.ratio;
     const long pos = b.row_pos[t];
     const int nvalid = (int)((pos + 1) / ratio), k = nvalid < topk ? nvalid : topk;
@@ -52,8 +54,9 @@ extern "C" int kern_indexer_topk(const struct kern_batch *b, const struct kern_c
         return ERR_INVAL;
     if (b->T <= 0)
         return 0;
-    indexer_topk_k<<<b->T, IDX_THREADS, 0, st>>>(*b, *c, *l, qi, wi, Hi, Di, topk, scores,
-                                                 ld_scores, sel);
+    if (kern__launch(indexer_topk_k, b->T, IDX_THREADS, 0, st, 1, *b, *c, *l, qi, wi, Hi, Di, topk,
+                     scores, ld_scores, sel))
+        return ERR_CUDA;
     EX_LAUNCH_CHECK();
     return 0;
 }

@@ -20,6 +20,8 @@ __global__ void __launch_bounds__(IDXF_THREADS)
                    const float *qi, const float *wi, int Hi, int Di, int topk, float *scores,
                    int ld, int32_t *sel)
 {
+    kern__pdl_wait();
+    kern__pdl_launch();
     extern __shared__ __align__(16) float sm[];
     float *qT = sm;                     /* (Di, Hi): qT[i * Hi + h] = q_h[i] */
     float *keys = sm + (size_t)Di * Hi; /* (IDXF_WARPS, Di) */
@@ -82,8 +84,9 @@ extern "C" int kern_indexer_topk_fast(const struct kern_batch *b, const struct k
         }
         smem_set = smem;
     }
-    indexer_fast_k<<<b->T, IDXF_THREADS, smem, st>>>(*b, *c, *l, qi, wi, Hi, Di, topk, scores,
-                                                     ld_scores, sel);
+    if (kern__launch(indexer_fast_k, b->T, IDXF_THREADS, smem, st, 1, *b, *c, *l, qi, wi, Hi, Di,
+                     topk, scores, ld_scores, sel))
+        return ERR_CUDA;
     EX_LAUNCH_CHECK();
     return 0;
 }

@@ -16,6 +16,8 @@ template <int FMT>
 __global__ void linear_k(struct kern_qmat W, const float *x, int ldx, int T, float *y, int ldy,
                          int grp_rows, int grp_xoff)
 {
+    kern__pdl_wait();
+    kern__pdl_launch();
     const int lane = threadIdx.x & 7;
     const long long o = (long long)blockIdx.x * LIN_GROUPS + (threadIdx.x >> 3);
     const int R = W.rows, C = W.cols;
@@ -40,22 +42,26 @@ extern "C" int kern_linear(const struct kern_qmat *W, const float *x, int ldx, i
     unsigned blocks = (unsigned)((n + LIN_GROUPS - 1) / LIN_GROUPS);
     switch (W->fmt) {
     case KERN_W_F32:
-        linear_k<KERN_W_F32>
-            <<<blocks, LIN_THREADS, 0, st>>>(*W, x, ldx, T, y, ldy, grp_rows, grp_xoff);
+        if (kern__launch(linear_k<KERN_W_F32>, blocks, LIN_THREADS, 0, st, 1, *W, x, ldx, T, y, ldy,
+                         grp_rows, grp_xoff))
+            return ERR_CUDA;
         break;
     case KERN_W_BF16:
-        linear_k<KERN_W_BF16>
-            <<<blocks, LIN_THREADS, 0, st>>>(*W, x, ldx, T, y, ldy, grp_rows, grp_xoff);
+        if (kern__launch(linear_k<KERN_W_BF16>, blocks, LIN_THREADS, 0, st, 1, *W, x, ldx, T, y,
+                         ldy, grp_rows, grp_xoff))
+            return ERR_CUDA;
         break;
     case KERN_W_FP8:
-        linear_k<KERN_W_FP8>
-            <<<blocks, LIN_THREADS, 0, st>>>(*W, x, ldx, T, y, ldy, grp_rows, grp_xoff);
+        if (kern__launch(linear_k<KERN_W_FP8>, blocks, LIN_THREADS, 0, st, 1, *W, x, ldx, T, y, ldy,
+                         grp_rows, grp_xoff))
+            return ERR_CUDA;
         break;
     case KERN_W_MXFP4:
         if (W->cols % 32)
             return ERR_UNSUPPORTED;
-        linear_k<KERN_W_MXFP4>
-            <<<blocks, LIN_THREADS, 0, st>>>(*W, x, ldx, T, y, ldy, grp_rows, grp_xoff);
+        if (kern__launch(linear_k<KERN_W_MXFP4>, blocks, LIN_THREADS, 0, st, 1, *W, x, ldx, T, y,
+                         ldy, grp_rows, grp_xoff))
+            return ERR_CUDA;
         break;
     default:
         return ERR_UNSUPPORTED;
@@ -69,6 +75,8 @@ __global__ void linear_experts_k(const struct kern_qmat *Ws, int E, int rows, in
                                  const int32_t *idx, int P, int x_div, const float *x, int ldx,
                                  float *y, int ldy)
 {
+    kern__pdl_wait();
+    kern__pdl_launch();
     const int lane = threadIdx.x & 7;
     const long long o = (long long)blockIdx.x * LIN_GROUPS + (threadIdx.x >> 3);
     const bool live = o < (long long)P * rows;
@@ -97,8 +105,9 @@ extern "C" int kern_linear_experts(const struct kern_qmat *Ws, int E, int fmt, i
     long long n = (long long)P * rows;
     unsigned blocks = (unsigned)((n + LIN_GROUPS - 1) / LIN_GROUPS);
 #define LIN_EXP(F)                                                                                 \
-    linear_experts_k<F>                                                                            \
-        <<<blocks, LIN_THREADS, 0, st>>>(Ws, E, rows, cols, idx, P, x_div, x, ldx, y, ldy)
+    if (kern__launch(linear_experts_k<F>, blocks, LIN_THREADS, 0, st, 1, Ws, E, rows, cols, idx,   \
+                     P, x_div, x, ldx, y, ldy))                                                    \
+    return ERR_CUDA
     switch (fmt) {
     case KERN_W_F32:
         LIN_EXP(KERN_W_F32);

@@ -21,6 +21,8 @@
 __global__ void act_bf16_k(const float *__restrict__ x, int ldx, int T, int C, int split, int perm,
                            __nv_bfloat16 *__restrict__ xb)
 {
+    kern__pdl_wait();
+    kern__pdl_launch();
     const int t = blockIdx.y;
     const float *xt = x + (size_t)t * ldx;
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < C; i += gridDim.x * blockDim.x) {
@@ -41,7 +43,9 @@ extern "C" int kern_act_bf16(const float *x, int ldx, int T, int C, int split, i
     if ((perm && C % 64) || T > 65535)
         return ERR_UNSUPPORTED;
     dim3 grid((unsigned)((C + 255) / 256 < 8 ? (C + 255) / 256 : 8), (unsigned)T);
-    act_bf16_k<<<grid, 256, 0, st>>>(x, ldx, T, C, split, perm, (__nv_bfloat16 *)xb);
+    if (kern__launch(act_bf16_k, grid, 256, 0, st, 1, x, ldx, T, C, split, perm,
+                     (__nv_bfloat16 *)xb))
+        return ERR_CUDA;
     KERN_LAUNCH_CHECK();
     return 0;
 }
@@ -49,6 +53,8 @@ extern "C" int kern_act_bf16(const float *x, int ldx, int T, int C, int split, i
 __global__ void add_split_k(const float *__restrict__ a, int T, int n, float *__restrict__ y,
                             int ldy)
 {
+    kern__pdl_wait();
+    kern__pdl_launch();
     const int t = blockIdx.y;
     for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < n; j += gridDim.x * blockDim.x)
         y[(size_t)t * ldy + j] = a[(size_t)t * n + j] + a[(size_t)(T + t) * n + j];
@@ -61,7 +67,9 @@ extern "C" int kern_add_split(const float *a, int T, int n, float *y, int ldy, c
     if (T > 65535)
         return ERR_UNSUPPORTED;
     unsigned gx = (unsigned)((n + 255) / 256);
-    add_split_k<<<dim3(gx < 64 ? gx : 64, (unsigned)T), 256, 0, st>>>(a, T, n, y, ldy);
+    if (kern__launch(add_split_k, dim3(gx < 64 ? gx : 64, (unsigned)T), 256, 0, st, 1, a, T, n, y,
+                     ldy))
+        return ERR_CUDA;
     KERN_LAUNCH_CHECK();
     return 0;
 }

@@ -13,7 +13,7 @@
 
 #define HCF_THREADS 256
 #define HCF_MAX     16
-#define HCF_SLICES  32 /* K slices of the projection */
+#define HCF_SLICES  32 /* K slices of the projection (one per lane in hcf_finish_k) */
 #define HCF_ROWS    8  /* rows per block of the projection */
 #define HCF_MIXMAX  ((2 + HCF_MAX) * HCF_MAX)
 
@@ -42,6 +42,8 @@ __global__ void __launch_bounds__(HCF_THREADS)
     hcf_mix_part_k(const float *__restrict__ X, int T, int len, const float *__restrict__ fn,
                    int nmix, float *__restrict__ part)
 {
+    kern__pdl_wait();
+    kern__pdl_launch();
     const int s = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int t0 = blockIdx.y * HCF_ROWS, nr = T - t0 < HCF_ROWS ? T - t0 : HCF_ROWS;
     const int sl = len / HCF_SLICES, k0 = s * sl;
@@ -52,6 +54,7 @@ __global__ void __launch_bounds__(HCF_THREADS)
 #pragma unroll
             for (int r = 0; r < HCF_ROWS; r++)
                 acc[j][r] = 0.0f;
+#pragma unroll 4
         for (int k = k0 + lane; k < k0 + sl; k += 32) {
             float f[3];
 #pragma unroll
@@ -93,32 +96,43 @@ __global__ void hcf_finish_k(const float *__restrict__ X, int n, int d,
                              int head, float *__restrict__ out, float *__restrict__ post_out,
                              float *__restrict__ comb_out)
 {
+    kern__pdl_wait();
+    kern__pdl_launch();
     __shared__ float sm[32], mix[HCF_MIXMAX], pre[HCF_MAX], comb[HCF_MAX * HCF_MAX];
     extern __shared__ __align__(16) float u[]; /* (d) */
     const int i = blockIdx.x, len = n * d;
     const float *Xt = X + (size_t)i * len;
-    float ss = 0.0f;
-    for (int k = threadIdx.x; k < len; k += blockDim.x)
-        ss += Xt[k] * Xt[k];
+    float ss = 0.0f; /* 16-byte loads, eight in flight per thread (len % 4 == 0) */
+#pragma unroll 8
+    for (int k = threadIdx.x; k < len / 4; k += blockDim.x) {
+        const float4 v = ((const float4 *)Xt)[k];
+        ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+    }
     const float red = 1.0f / sqrtf(hcf_block_sum(ss, sm) / (float)len + norm_eps);
-    for (int m = threadIdx.x; m < nmix; m += blockDim.x) {
-        const float *p = part + (size_t)i * HCF_SLICES * nmix + m;
-        float v = 0.0f;
-        for (int s = 0; s < HCF_SLICES; s++)
-            v += p[(size_t)s * nmix];
-        mix[m] = v * red;
+    { /* warp w: mixes w, w + 8, ...; lane s loads slice s (all loads in flight at once), the
+       * slices are added in order through shuffles */
+        const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+        for (int m = warp; m < nmix; m += nw) {
+            const float x = part[((size_t)i * HCF_SLICES + lane) * nmix + m];
+            float v = 0.0f;
+#pragma unroll
+            for (int s = 0; s < HCF_SLICES; s++)
+                v += __shfl_sync(0xffffffffu, x, s);
+            if (lane == 0)
+                mix[m] = v * red;
+        }
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
-        if (head)
-            for (int k = 0; k < n; k++)
-                pre[k] = ex_sigmoid(mix[k] * scale[0] + base[k]) + hc_eps;
-        else
-            ex_hc_gates(mix, n, base, scale, iters, hc_eps, pre, post_out + (size_t)i * n, comb,
-                        comb_out + (size_t)i * n * n);
+    if (head) {
+        if (threadIdx.x < n)
+            pre[threadIdx.x] = ex_sigmoid(mix[threadIdx.x] * scale[0] + base[threadIdx.x]) + hc_eps;
+        __syncthreads();
+    } else {
+        ex_hc_gates(mix, n, base, scale, iters, hc_eps, pre, post_out + (size_t)i * n, comb,
+                    comb_out + (size_t)i * n * n);
     }
-    __syncthreads();
     float us = 0.0f;
+#pragma unroll 4
     for (int c = threadIdx.x; c < d; c += blockDim.x) {
         float acc = 0;
         for (int k = 0; k < n; k++)
@@ -135,6 +149,8 @@ __global__ void hcf_finish_k(const float *__restrict__ X, int n, int d,
 __global__ void hcf_gather_k(const float *__restrict__ X, const int32_t *__restrict__ rows, int len,
                              float *__restrict__ G)
 {
+    kern__pdl_wait();
+    kern__pdl_launch();
     const float *src = X + (size_t)rows[blockIdx.y] * len;
     for (int k = blockIdx.x * blockDim.x + threadIdx.x; k < len; k += gridDim.x * blockDim.x)
         G[(size_t)blockIdx.y * len + k] = src[k];
@@ -147,15 +163,17 @@ static int hcf_run(const float *X, int T, int n, int d, const float *fn, int nmi
                    cudaStream_t st)
 {
     const int len = n * d;
-    if (n > HCF_MAX || n < 1 || len % HCF_SLICES || (T + HCF_ROWS - 1) / HCF_ROWS > 65535)
+    if (n > HCF_MAX || n < 1 || len % HCF_SLICES || d % 4 || (T + HCF_ROWS - 1) / HCF_ROWS > 65535)
         return ERR_UNSUPPORTED;
     if (T <= 0)
         return 0;
-    hcf_mix_part_k<<<dim3(HCF_SLICES, (unsigned)((T + HCF_ROWS - 1) / HCF_ROWS)), HCF_THREADS, 0,
-                     st>>>(X, T, len, fn, nmix, part);
+    if (kern__launch(hcf_mix_part_k, dim3(HCF_SLICES, (unsigned)((T + HCF_ROWS - 1) / HCF_ROWS)),
+                     HCF_THREADS, 0, st, 1, X, T, len, fn, nmix, part))
+        return ERR_CUDA;
     EX_LAUNCH_CHECK();
-    hcf_finish_k<<<T, HCF_THREADS, sizeof(float) * (size_t)d, st>>>(
-        X, n, d, part, nmix, base, scale, iters, hc_eps, norm_eps, w, head, out, post, comb);
+    if (kern__launch(hcf_finish_k, T, HCF_THREADS, sizeof(float) * (size_t)d, st, 1, X, n, d, part,
+                     nmix, base, scale, iters, hc_eps, norm_eps, w, head, out, post, comb))
+        return ERR_CUDA;
     EX_LAUNCH_CHECK();
     return 0;
 }
@@ -184,7 +202,9 @@ extern "C" int kern_hc_head_fast(const float *X, const int32_t *rows, int nsel, 
     if (nsel > 65535)
         return ERR_UNSUPPORTED;
     const int len = n_hc * d;
-    hcf_gather_k<<<dim3(16, (unsigned)nsel), HCF_THREADS, 0, st>>>(X, rows, len, gather_ws);
+    if (kern__launch(hcf_gather_k, dim3(16, (unsigned)nsel), HCF_THREADS, 0, st, 1, X, rows, len,
+                     gather_ws))
+        return ERR_CUDA;
     EX_LAUNCH_CHECK();
     return hcf_run(gather_ws, nsel, n_hc, d, fn, n_hc, base, scale, 0, hc_eps, norm_eps, norm_w, 1,
                    ws, y, NULL, NULL, st);

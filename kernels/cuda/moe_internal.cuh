@@ -127,14 +127,6 @@ __device__ __forceinline__ void moe__topk_token(int t, int lane, const float *__
     }
 }
 
-/* Position of element i (of a row) in the permuted activation layout */
-__device__ __forceinline__ int perm64(int i)
-{
-    int q = i & 63, w = q >> 1;
-    int c = w >> 3, s = (w >> 1) & 3, h = w & 1;
-    return (i & ~63) | ((8 * s + 4 * h + c) << 1) | (q & 1);
-}
-
 /* Router internals (moe_route.cu). */
 /* xb (T, d): also write x in BF16 (natural order) when not NULL; only for T <= 64. */
 int moe__logits(const struct kern_moe_layer *L, const float *x, int T, float *logits,

@@ -22,6 +22,8 @@ __global__ void __launch_bounds__(256)
                     int T, int d, int E, float *__restrict__ logits, /* (T, E) */
                     __nv_bfloat16 *__restrict__ xb /* (T, d) or NULL */)
 {
+    kern__pdl_wait();
+    kern__pdl_launch();
     __shared__ float part[4][8];
     if (xb && blockIdx.x == 0) { /* the BF16 copy of this block's 8 rows for the experts */
         const int t0b = blockIdx.y * 8, nt = min(8, T - t0b);
@@ -98,6 +100,8 @@ __global__ void __launch_bounds__(256)
                      const uint16_t *__restrict__ W, /* (E, d) */
                      int T, int d, int E, float *__restrict__ logits /* (T, E) */)
 {
+    kern__pdl_wait();
+    kern__pdl_launch();
     __shared__ float xs[16][68];
     __shared__ float ws[16][68];
     const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
@@ -148,10 +152,14 @@ int moe__logits(const struct kern_moe_layer *L, const float *x, int T, float *lo
         return ERR_UNSUPPORTED;
     if (T <= 64) {
         dim3 grid((L->E + 3) / 4, (T + 7) / 8);
-        moe_logits_warp<<<grid, 256, 0, st>>>(x, L->gate_w, T, L->d, L->E, logits, xb);
+        if (kern__launch(moe_logits_warp, grid, 256, 0, st, 1, x, L->gate_w, T, L->d, L->E, logits,
+                         xb))
+            return ERR_CUDA;
     } else {
         dim3 grid(L->E / 64, (T + 63) / 64);
-        moe_logits_tiled<<<grid, 256, 0, st>>>(x, L->gate_w, T, L->d, L->E, logits);
+        if (kern__launch(moe_logits_tiled, grid, 256, 0, st, 1, x, L->gate_w, T, L->d, L->E,
+                         logits))
+            return ERR_CUDA;
     }
     KERN_LAUNCH_CHECK();
     return 0;

@@ -7,6 +7,7 @@
 #include "kernels/cuda/common.cuh"
 
 #include <stdio.h>
+#include <stdlib.h>
 
 static thread_local cudaError_t kern_last = cudaSuccess;
 
@@ -22,6 +23,116 @@ static int map(cudaError_t e)
 int kern__map_error(cudaError_t e)
 {
     return map(e);
+}
+
+int kern__trace_on(void)
+{
+    static int on = -1; /* benign race: idempotent */
+    if (on < 0)
+        on = getenv("DSV4_CUDA_TRACE") != NULL;
+    return on;
+}
+
+int kern__pdl_on(void)
+{
+    static int on = -1; /* benign race: idempotent */
+    if (on < 0) {
+        const char *e = getenv("DSV4_CUDA_PDL");
+        on = !(e && e[0] == '0') && !kern__trace_on();
+    }
+    return on;
+}
+
+/* ---- DSV4_CUDA_TRACE: a pair of events around each launch (diagnosis; one thread) ---- */
+
+#define TRACE_MAX 8192
+static struct trace_ent {
+    const void *fn;
+    cudaEvent_t a, b;
+} trace_ev[TRACE_MAX];
+static int trace_n, trace_made;
+
+void kern__trace(const void *fn, cudaStream_t st, int after)
+{
+    if (trace_n >= TRACE_MAX)
+        return; /* full: kern_trace_report() empties it */
+    struct trace_ent *t = &trace_ev[trace_n];
+    if (trace_n >= trace_made) {
+        cudaError_t e = cudaEventCreate(&t->a);
+        if (e == cudaSuccess)
+            e = cudaEventCreate(&t->b);
+        if (e != cudaSuccess) {
+            fprintf(stderr, "cuda trace: event: %s\n", cudaGetErrorString(e));
+            return;
+        }
+        trace_made++;
+    }
+    if (!after) {
+        t->fn = fn;
+        cudaEventRecord(t->a, st);
+    } else {
+        cudaEventRecord(t->b, st);
+        trace_n++;
+    }
+}
+
+extern "C" void kern_trace_report(const char *label)
+{
+    if (!kern__trace_on())
+        return;
+    if (!trace_n) {
+        if (label)
+            fprintf(stderr, "cuda trace %s: no launches\n", label);
+        return;
+    }
+    if (!label) { /* discard */
+        cudaDeviceSynchronize();
+        trace_n = 0;
+        return;
+    }
+    struct agg {
+        const void *fn;
+        double ms;
+        int n;
+    } ag[256];
+    int na = 0;
+    double sum = 0, span = 0;
+    float ms;
+    cudaDeviceSynchronize();
+    if (cudaEventElapsedTime(&ms, trace_ev[0].a, trace_ev[trace_n - 1].b) == cudaSuccess)
+        span = ms;
+    for (int i = 0; i < trace_n; i++) {
+        if (cudaEventElapsedTime(&ms, trace_ev[i].a, trace_ev[i].b) != cudaSuccess)
+            continue;
+        int j = 0;
+        while (j < na && ag[j].fn != trace_ev[i].fn)
+            j++;
+        if (j == na && na < 256)
+            ag[na++] = (struct agg){trace_ev[i].fn, 0, 0};
+        if (j < na) {
+            ag[j].ms += ms;
+            ag[j].n++;
+        }
+        sum += ms;
+    }
+    for (int i = 1; i < na; i++) /* by time, largest first */
+        for (int j = i; j > 0 && ag[j].ms > ag[j - 1].ms; j--) {
+            struct agg t = ag[j];
+            ag[j] = ag[j - 1];
+            ag[j - 1] = t;
+        }
+    fprintf(stderr,
+            "cuda trace %s: %d launches, %.3f ms in them, %.3f ms from first to last (the "
+            "rest: cuBLAS, copies, gaps)\n",
+            label, trace_n, sum, span);
+    for (int i = 0; i < na; i++) {
+        const char *name = "?";
+        if (cudaFuncGetName(&name, ag[i].fn) != cudaSuccess)
+            name = "?";
+        fprintf(stderr, "  %8.3f ms %5d x %7.2f us  %.90s\n", ag[i].ms, ag[i].n,
+                1e3 * ag[i].ms / ag[i].n, name);
+    }
+    trace_n = 0;
 }
 
 extern "C" int kern_device_count(void)

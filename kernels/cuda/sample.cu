@@ -119,6 +119,8 @@ __global__ void __launch_bounds__(SMP_THREADS)
                   const struct kern_pick *__restrict__ picks, float *__restrict__ pbuf,
                   int32_t *__restrict__ out)
 {
+    kern__pdl_wait();
+    kern__pdl_launch();
     __shared__ float smf[SMP_WARPS];
     __shared__ double smd[SMP_WARPS];
     __shared__ int smi[SMP_WARPS];
@@ -271,7 +273,8 @@ extern "C" int kern_sample_rows(const float *logits, int n, int V, const struct 
 {
     if (n <= 0)
         return 0;
-    sample_rows_k<<<n, SMP_THREADS, 0, st>>>(logits, V, picks, pbuf, out);
+    if (kern__launch(sample_rows_k, n, SMP_THREADS, 0, st, 1, logits, V, picks, pbuf, out))
+        return ERR_CUDA;
     KERN_LAUNCH_CHECK();
     return 0;
 }

@@ -441,6 +441,7 @@ static int bench_prefill(struct bench_ctx *c)
         err_prefix(rc, "prefill warm-up");
         goto out;
     }
+    kern_trace_report(NULL);
     double t0 = bench_now();
     for (int k = 0; k < nch; k++) {
         int at = k * C, len = N - at < C ? N - at : C;
@@ -452,6 +453,7 @@ static int bench_prefill(struct bench_ctx *c)
         ct[k] = bench_now() - ts;
     }
     double ttft = bench_now() - t0;
+    kern_trace_report("prefill");
     c->prefill_tok_s = N / ttft;
     printf("prefill  %d tokens in chunks of %d: first logits after %.1f ms, %.0f tokens/s "
            "(chunks ms:",
@@ -560,6 +562,8 @@ static int bench_decode(struct bench_ctx *c, int B)
     double sum = 0;
     for (int k = -o->warmup; k < S; k++) {
         bench_random_tokens(c, tok, (size_t)B);
+        if (k == 0)
+            kern_trace_report(NULL); /* DSV4_CUDA_TRACE: only the timed steps */
         double t0 = bench_now();
         if ((rc = bk->ops->step(bk, seqs, B, c->logits))) {
             err_prefix(rc, "decode batch %d step %d", B, k);
@@ -572,6 +576,11 @@ static int bench_decode(struct bench_ctx *c, int B)
             /* each sequence held prompt + warmup + k tokens before this step */
             bench_step_bytes(c, tok, B, (long)o->prompt + o->warmup + k, &sb);
         }
+    }
+    {
+        char what[64];
+        snprintf(what, sizeof what, "decode batch %d, %d steps", B, S);
+        kern_trace_report(what);
     }
     double mean = sum / S, med = bench_median(st, S), mn = st[0];
     sb.weights /= S, sb.experts /= S, sb.kv /= S, sb.hash_distinct /= S, sb.dense_distinct /= S;

@@ -16,6 +16,9 @@
  *   - a forked slot decodes bit-identically to its source; device greedy (backend_seq.greedy_out)
  *     picks the argmax of the row; a 3-row decode step (padded to a 4-row graph) is unchanged
  *     by its padding row.
+ * Then, in exact numerics (what transformers computes), both tiny models on both paths against
+ * Hugging Face transformers' DeepseekV4ForCausalLM: the fixtures of tests/unit/test_oracle.c
+ * (tests/fixtures/oracle/, made by tests/oracle/make_fixtures.py), see fixture_test().
  * Without a device: "1..0 # SKIP no CUDA device". --quick: tiny-flash only (exact kernels and
  * fast path), 140 + 4 tokens, no batch, the calibrated comparison only checked for finite
  * logits (for compute-sanitizer); --diag: first the per-layer-count error ladder (diag()).
@@ -26,6 +29,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+
+#include <jansson.h>
 
 #include "engine/backend.h"
 #include "engine/backend_cuda.h"
@@ -534,6 +539,103 @@ static void nvfp4_checkpoint_test(void)
     free(la);
 }
 
+/*
+ * The GPU backend against transformers' logits (tests/fixtures/oracle/NAME.{json,bin}): the
+ * prompt prefilled in chunks that end at each fixture position, max |dlogit| / max |logit| <=
+ * bound there (the CPU oracle test's 1e-4 for the exact kernels, which are bit-identical to the
+ * CPU engine; the fast path adds its own rounding, LOGIT_TOL_FAST_EXACT, to it), then the
+ * fixture's greedy continuation by incremental decode, every token identical.
+ */
+static void fixture_test(const char *name, int fast)
+{
+    char path[4096], label[96];
+    const char *root = getenv("DSV4_SOURCE_ROOT");
+    const double bound = 1e-4 + (fast ? LOGIT_TOL_FAST_EXACT : 0);
+    snprintf(label, sizeof label, "%s/exact/%s vs transformers", name,
+             fast ? "fast" : "exact-kernels");
+    snprintf(path, sizeof path, "%s/tests/fixtures/oracle/%s.json", root ? root : ".", name);
+    json_error_t jerr;
+    json_t *meta = json_load_file(path, 0, &jerr);
+    struct dsv4_model *m = NULL;
+    struct backend *gb = NULL;
+    float *ref = NULL, *lg = NULL;
+    int32_t *prompt = NULL;
+    FILE *f = NULL;
+    char spec[64];
+    if (!meta) {
+        tap(0, "%s: %s: %s", label, path, jerr.text);
+        return;
+    }
+    json_t *jp = json_object_get(meta, "prompt"), *jpos = json_object_get(meta, "positions");
+    json_t *jg = json_object_get(meta, "greedy");
+    const int V = (int)json_integer_value(json_object_get(meta, "vocab_size"));
+    const int np = (int)json_array_size(jp), npos = (int)json_array_size(jpos);
+    const int ng = (int)json_array_size(jg);
+    snprintf(spec, sizeof spec, "builtin:%s", name);
+    snprintf(path, sizeof path, "%s/tests/fixtures/oracle/%s.bin", root ? root : ".", name);
+    prompt = malloc(sizeof(int32_t) * (size_t)(np > 0 ? np : 1));
+    ref = malloc(sizeof(float) * (size_t)npos * (size_t)(V > 0 ? V : 1));
+    lg = malloc(sizeof(float) * (size_t)(V > 0 ? V : 1));
+    if (V <= 0 || np <= 0 || npos <= 0 || ng <= 0 || !prompt || !ref || !lg ||
+        !(f = fopen(path, "rb")) || fread(ref, sizeof(float), (size_t)npos * V, f) != (size_t)npos * V) {
+        tap(0, "%s: fixture %s unreadable", label, path);
+        goto out;
+    }
+    for (int i = 0; i < np; i++)
+        prompt[i] = (int32_t)json_integer_value(json_array_get(jp, (size_t)i));
+    FAST = fast;
+    if (dsv4_model_open(&m, spec) || m->cfg.vocab_size != V) {
+        tap(0, "%s: open %s: %s", label, spec, m ? "vocabulary differs" : err_msg());
+        goto out;
+    }
+    m->numerics = DSV4_NUMERICS_EXACT;
+    if (cuda_new(&gb, m, 1, 8)) {
+        tap(0, "%s: cuda backend: %s", label, err_msg());
+        goto out;
+    }
+    double worst = 0;
+    int done = 0, rc = 0;
+    for (int k = 0; k < npos && !rc; k++) {
+        const int p = (int)json_integer_value(json_array_get(jpos, (size_t)k));
+        for (int i = 0; i < V; i++)
+            lg[i] = NAN;
+        if (p < done || p >= np || (rc = step1(gb, 0, prompt + done, p + 1 - done, 1, lg)))
+            break;
+        done = p + 1;
+        const double e = rel_err(lg, ref + (size_t)k * V, V);
+        worst = e > worst ? e : worst;
+    }
+    tap(rc == 0 && done == np && worst <= bound,
+        "%s: prefill in %d chunks, max|dlogit|/max|logit| %.3e at worst (bound %.0e)%s%s", label,
+        npos, worst, bound, rc ? ": " : "", rc ? err_msg() : "");
+    int equal = 0;
+    int32_t tok = argmax(lg, V);
+    for (int i = 0; i < ng && !rc; i++) {
+        if (i > 0) {
+            for (int j = 0; j < V; j++)
+                lg[j] = NAN;
+            if ((rc = step1(gb, 0, &tok, 1, 1, lg)))
+                break;
+            tok = argmax(lg, V);
+        }
+        if (tok != (int32_t)json_integer_value(json_array_get(jg, (size_t)i)))
+            break;
+        equal++;
+    }
+    tap(rc == 0 && equal == ng, "%s: greedy continuation %d/%d tokens equal%s%s", label, equal, ng,
+        rc ? ": " : "", rc ? err_msg() : "");
+out:
+    if (f)
+        fclose(f);
+    if (gb)
+        gb->ops->destroy(gb);
+    dsv4_model_free(m);
+    free(prompt);
+    free(ref);
+    free(lg);
+    json_decref(meta);
+}
+
 int main(int argc, char **argv)
 {
     int want_diag = argc > 1 && !strcmp(argv[1], "--diag");
@@ -590,8 +692,13 @@ int main(int argc, char **argv)
         free(ref);
         dsv4_model_free(m);
     }
-    if (!quick)
+    if (!quick) {
         nvfp4_checkpoint_test();
+        for (int fast = 0; fast < 2; fast++) {
+            fixture_test("tiny-flash", fast);
+            fixture_test("tiny-pro", fast);
+        }
+    }
     printf("1..%d\n", n_test);
     return n_fail ? 1 : 0;
 }
