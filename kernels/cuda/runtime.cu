@@ -50,44 +50,61 @@ static struct trace_ent {
     const void *fn;
     cudaEvent_t a, b;
 } trace_ev[TRACE_MAX];
-static int trace_n, trace_made;
+static int trace_n, trace_made, trace_open, trace_dropped;
+
+/* A failed trace call must not surface as a later launch's error (cudaPeekAtLastError). */
+static int trace_fail(void)
+{
+    (void)cudaGetLastError();
+    trace_dropped++;
+    return 0;
+}
 
 void kern__trace(const void *fn, cudaStream_t st, int after)
 {
-    if (trace_n >= TRACE_MAX)
-        return; /* full: kern_trace_report() empties it */
+    cudaStreamCaptureStatus cs;
+    if (cudaStreamIsCapturing(st, &cs) != cudaSuccess || cs != cudaStreamCaptureStatusNone) {
+        (void)cudaGetLastError(); /* inside a capture: events would time the capture, skip */
+        return;
+    }
+    if (after) {
+        if (trace_open && cudaEventRecord(trace_ev[trace_n].b, st) == cudaSuccess)
+            trace_n++;
+        else if (trace_open)
+            trace_fail();
+        trace_open = 0;
+        return;
+    }
+    trace_open = 0;
+    if (trace_n >= TRACE_MAX) { /* full until kern_trace_report() */
+        trace_dropped++;
+        return;
+    }
     struct trace_ent *t = &trace_ev[trace_n];
     if (trace_n >= trace_made) {
-        cudaError_t e = cudaEventCreate(&t->a);
-        if (e == cudaSuccess)
-            e = cudaEventCreate(&t->b);
-        if (e != cudaSuccess) {
-            fprintf(stderr, "cuda trace: event: %s\n", cudaGetErrorString(e));
-            return;
+        if (cudaEventCreate(&t->a) != cudaSuccess)
+            return (void)trace_fail();
+        if (cudaEventCreate(&t->b) != cudaSuccess) {
+            cudaEventDestroy(t->a);
+            return (void)trace_fail();
         }
         trace_made++;
     }
-    if (!after) {
-        t->fn = fn;
-        cudaEventRecord(t->a, st);
-    } else {
-        cudaEventRecord(t->b, st);
-        trace_n++;
-    }
+    t->fn = fn;
+    if (cudaEventRecord(t->a, st) != cudaSuccess)
+        return (void)trace_fail();
+    trace_open = 1;
 }
 
 extern "C" void kern_trace_report(const char *label)
 {
     if (!kern__trace_on())
         return;
-    if (!trace_n) {
+    if (!trace_n || !label) { /* nothing, or discard */
         if (label)
-            fprintf(stderr, "cuda trace %s: no launches\n", label);
-        return;
-    }
-    if (!label) { /* discard */
-        cudaDeviceSynchronize();
-        trace_n = 0;
+            fprintf(stderr, "cuda trace %s: no launches (%d not traced)\n", label, trace_dropped);
+        (void)cudaDeviceSynchronize();
+        trace_n = trace_dropped = 0;
         return;
     }
     struct agg {
@@ -98,12 +115,16 @@ extern "C" void kern_trace_report(const char *label)
     int na = 0;
     double sum = 0, span = 0;
     float ms;
-    cudaDeviceSynchronize();
+    (void)cudaDeviceSynchronize();
     if (cudaEventElapsedTime(&ms, trace_ev[0].a, trace_ev[trace_n - 1].b) == cudaSuccess)
         span = ms;
+    else
+        (void)cudaGetLastError();
     for (int i = 0; i < trace_n; i++) {
-        if (cudaEventElapsedTime(&ms, trace_ev[i].a, trace_ev[i].b) != cudaSuccess)
+        if (cudaEventElapsedTime(&ms, trace_ev[i].a, trace_ev[i].b) != cudaSuccess) {
+            (void)cudaGetLastError();
             continue;
+        }
         int j = 0;
         while (j < na && ag[j].fn != trace_ev[i].fn)
             j++;
@@ -123,16 +144,18 @@ extern "C" void kern_trace_report(const char *label)
         }
     fprintf(stderr,
             "cuda trace %s: %d launches, %.3f ms in them, %.3f ms from first to last (the "
-            "rest: cuBLAS, copies, gaps)\n",
-            label, trace_n, sum, span);
+            "rest: cuBLAS, copies, gaps); %d launches not traced\n",
+            label, trace_n, sum, span, trace_dropped);
     for (int i = 0; i < na; i++) {
         const char *name = "?";
-        if (cudaFuncGetName(&name, ag[i].fn) != cudaSuccess)
+        if (cudaFuncGetName(&name, ag[i].fn) != cudaSuccess) {
+            (void)cudaGetLastError();
             name = "?";
+        }
         fprintf(stderr, "  %8.3f ms %5d x %7.2f us  %.90s\n", ag[i].ms, ag[i].n,
                 1e3 * ag[i].ms / ag[i].n, name);
     }
-    trace_n = 0;
+    trace_n = trace_dropped = 0;
 }
 
 extern "C" int kern_device_count(void)
