@@ -10,7 +10,9 @@ D=build-cuda/carry
 if [ "$1" = --pack ]; then
     set -e
     [ -d build-cuda ] || meson setup build-cuda -Dcuda=enabled
+    . tests/gpu/cuda_fresh.sh
     ninja -C build-cuda -j2 tests/gpu/test_gpu_engine tests/gpu/test_linear_gpu tests/gpu/test_moe_gpu
+    cuda_fresh_done
     mkdir -p $D
     cp build-cuda/tests/gpu/test_gpu_engine build-cuda/tests/gpu/test_linear_gpu \
         build-cuda/tests/gpu/test_moe_gpu $D/

@@ -33,7 +33,9 @@ D=build-cuda/flash-carry
 if [ "${1:-}" = --pack ]; then
     set -e
     [ -d build-cuda ] || meson setup build-cuda -Dcuda=enabled --buildtype=release
+    . tests/gpu/cuda_fresh.sh
     ninja -C build-cuda -j2 server/dsv4d tests/gpu/bench_gpu_engine
+    cuda_fresh_done
     rm -rf $D
     mkdir -p $D
     cp build-cuda/server/dsv4d build-cuda/tests/gpu/bench_gpu_engine $D/

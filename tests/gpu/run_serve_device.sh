@@ -15,7 +15,9 @@ D=build-cuda/serve-carry
 if [ "${1:-}" = --pack ]; then
     set -e
     [ -d build-cuda ] || meson setup build-cuda -Dcuda=enabled
+    . tests/gpu/cuda_fresh.sh
     ninja -C build-cuda -j2 server/dsv4d
+    cuda_fresh_done
     mkdir -p $D
     cp build-cuda/server/dsv4d $D/
     for lib in libjansson.so.4 libcudart.so.13 libonig.so.5 libmicrohttpd.so.12 libuv.so.1; do
