@@ -229,12 +229,59 @@ __device__ __forceinline__ float ex_sumsq_seq(const float *x, int n)
  * order by every thread that needs it), so the results are bit-identical; only the n*n
  * independent chains run side by side instead of one after the other (the 20 Sinkhorn iterations
  * of a single thread took ~70 us per row). Call from every thread of the block (barriers);
- * n*n <= blockDim.x.
+ * n*n <= blockDim.x. With n*n <= 32 (DSV4: n = 4) warp 0 alone runs it, the sums gathered by
+ * shuffles in the same index order (no block barrier per half-iteration; with a wider
+ * hcf_finish_k this took the fast path's mHC finish from 26 to 16 us per row on an H200).
  */
+__device__ __forceinline__ void ex_hc_gates_warp(const float *mix, int n, const float *base,
+                                                 const float *scale, int iters, float hc_eps,
+                                                 float *pre, float *post, float *comb,
+                                                 float *comb_out)
+{
+    const unsigned all = 0xffffffffu;
+    const int t = threadIdx.x, j = t / n, k = t % n, own = t < n * n;
+    if (t < n) {
+        pre[t] = ex_sigmoid(mix[t] * scale[0] + base[t]) + hc_eps;
+        post[t] = 2.0f * ex_sigmoid(mix[n + t] * scale[1] + base[n + t]);
+    }
+    /* every lane runs every shuffle; lanes past n*n compute values nobody reads */
+    float v = own ? mix[2 * n + t] * scale[2] + base[2 * n + t] : 0.0f;
+    float mx = -INFINITY;
+    for (int q = 0; q < n; q++)
+        mx = fmaxf(mx, __shfl_sync(all, v, j * n + q));
+    v = ex_expf(v - mx);
+    float sum = 0;
+    for (int q = 0; q < n; q++)
+        sum += __shfl_sync(all, v, j * n + q);
+    v = v / sum + hc_eps;
+    for (int it = 0; it < iters; it++) {
+        float s = 0;
+        if (it > 0) { /* rows */
+            for (int q = 0; q < n; q++)
+                s += __shfl_sync(all, v, j * n + q);
+            v /= s + hc_eps;
+            s = 0;
+        }
+        for (int q = 0; q < n; q++) /* columns */
+            s += __shfl_sync(all, v, q * n + k);
+        v /= s + hc_eps;
+    }
+    if (own) {
+        comb[t] = v;
+        comb_out[t] = v;
+    }
+}
+
 __device__ __forceinline__ void ex_hc_gates(const float *mix, int n, const float *base,
                                             const float *scale, int iters, float hc_eps, float *pre,
                                             float *post, float *comb, float *comb_out)
 {
+    if (n * n <= 32) {
+        if (threadIdx.x < 32)
+            ex_hc_gates_warp(mix, n, base, scale, iters, hc_eps, pre, post, comb, comb_out);
+        __syncthreads();
+        return;
+    }
     const int t = threadIdx.x, j = t / n, k = t % n, own = t < n * n;
     if (t < n) {
         pre[t] = ex_sigmoid(mix[t] * scale[0] + base[t]) + hc_eps;

@@ -11,7 +11,8 @@
 
 #include "kernels/cuda/exact.cuh"
 
-#define HCF_THREADS 256
+#define HCF_THREADS     256
+#define HCF_FIN_THREADS 512 /* hcf_finish_k: one row per block, latency-bound: more loads in flight */
 #define HCF_MAX     16
 #define HCF_SLICES  32 /* K slices of the projection (one per lane in hcf_finish_k) */
 #define HCF_ROWS    8  /* rows per block of the projection */
@@ -85,7 +86,7 @@ __global__ void __launch_bounds__(HCF_THREADS)
 }
 
 /*
- * One row per block: the mix (the slices summed in order) times the row's rsqrt(mean(X^2) +
+ * One row per block (float4 loads and stores: d % 4 == 0, 16-byte aligned rows): the mix (the slices summed in order) times the row's rsqrt(mean(X^2) +
  * eps), then the gates (pre, post, comb; head == 0) or the head's pre only (head == 1), then
  * u = sum_k pre[k] X[k] and RMSNorm(w) into out (T, d).
  */
@@ -131,18 +132,31 @@ __global__ void hcf_finish_k(const float *__restrict__ X, int n, int d,
         ex_hc_gates(mix, n, base, scale, iters, hc_eps, pre, post_out + (size_t)i * n, comb,
                     comb_out + (size_t)i * n * n);
     }
-    float us = 0.0f;
-#pragma unroll 4
-    for (int c = threadIdx.x; c < d; c += blockDim.x) {
-        float acc = 0;
-        for (int k = 0; k < n; k++)
-            acc += pre[k] * Xt[(size_t)k * d + c];
-        u[c] = acc;
-        us += acc * acc;
+    float us = 0.0f; /* 4 columns per thread and step (d % 4 == 0) */
+    float4 *u4 = (float4 *)u;
+#pragma unroll 2
+    for (int c = threadIdx.x; c < d / 4; c += blockDim.x) {
+        float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        for (int k = 0; k < n; k++) {
+            const float4 x = ((const float4 *)(Xt + (size_t)k * d))[c];
+            acc.x += pre[k] * x.x;
+            acc.y += pre[k] * x.y;
+            acc.z += pre[k] * x.z;
+            acc.w += pre[k] * x.w;
+        }
+        u4[c] = acc;
+        us += acc.x * acc.x + acc.y * acc.y + acc.z * acc.z + acc.w * acc.w;
     }
     const float r = 1.0f / sqrtf(hcf_block_sum(us, sm) / (float)d + norm_eps);
-    for (int c = threadIdx.x; c < d; c += blockDim.x)
-        out[(size_t)i * d + c] = w ? w[c] * (u[c] * r) : u[c] * r;
+    for (int c = threadIdx.x; c < d / 4; c += blockDim.x) {
+        const float4 v = u4[c];
+        float4 o = make_float4(v.x * r, v.y * r, v.z * r, v.w * r);
+        if (w) {
+            const float4 g = ((const float4 *)w)[c];
+            o = make_float4(g.x * o.x, g.y * o.y, g.z * o.z, g.w * o.w);
+        }
+        ((float4 *)(out + (size_t)i * d))[c] = o;
+    }
 }
 
 /* The rows the head reads, gathered: G (nsel, len) = X rows[i]. */
@@ -171,7 +185,7 @@ static int hcf_run(const float *X, int T, int n, int d, const float *fn, int nmi
                      HCF_THREADS, 0, st, 1, X, T, len, fn, nmix, part))
         return ERR_CUDA;
     EX_LAUNCH_CHECK();
-    if (kern__launch(hcf_finish_k, T, HCF_THREADS, sizeof(float) * (size_t)d, st, 1, X, n, d, part,
+    if (kern__launch(hcf_finish_k, T, HCF_FIN_THREADS, sizeof(float) * (size_t)d, st, 1, X, n, d, part,
                      nmix, base, scale, iters, hc_eps, norm_eps, w, head, out, post, comb))
         return ERR_CUDA;
     EX_LAUNCH_CHECK();

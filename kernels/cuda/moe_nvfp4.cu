@@ -785,10 +785,6 @@ static int launch_gemm(const gemm_args &a, const gemm_args &sh, int rt_tiles, in
                         sh_tiles);
 }
 
-#ifndef MOE_NT1_KS
-#define MOE_NT1_KS 4 /* split-K warps per 16-row block at 8-token tiles (8 where K allows) */
-#endif
-
 template <int STAGE>
 static int launch_nt(int NT, const gemm_args &a, const gemm_args &sh, int rt, int nsh,
                      cudaStream_t st, int groups = 1)
@@ -796,13 +792,20 @@ static int launch_nt(int NT, const gemm_args &a, const gemm_args &sh, int rt, in
     /* split K over 4 (or 2) warps when K/256 allows it, else 8 row blocks per block */
     const int kq = a.Kd / 256;
     switch (NT) {
-    case 1:
-#if MOE_NT1_KS == 8
-        if (kq % 8 == 0)
-            return launch_gemm<STAGE, 1, 1, 8>(a, sh, rt, nsh, st, groups);
-#endif
+    case 1: {
+        /* 8-token tiles: 4 split-K warps per 16-row block while the grid is small (decode of a
+         * few tokens), 2 in the middle, 4 row blocks of one warp each once there are many tiles
+         * (bench_moe_gpu, H200, layer us at T = 1 / 4 / 16 / 64 / 256, Flash: KS 4: 56.7 / 141 /
+         * 418 / 1074 / 1902; KS 2: 58.4 / 138 / 397 / 1021 / 1802; 1 warp: 59.4 / 146 / 407 /
+         * 996 / 1756; Pro likewise) */
+        const long items = (long)groups * (a.N / 16) * (rt + nsh); /* (16-row block, tile)s */
+        if (items >= 60000 && (a.N / 16) % 4 == 0)
+            return launch_gemm<STAGE, 1, 4, 1>(a, sh, rt, nsh, st, groups);
+        if (items >= 5000 && kq % 2 == 0)
+            return launch_gemm<STAGE, 1, 1, 2>(a, sh, rt, nsh, st, groups);
         return kq % 4 == 0 ? launch_gemm<STAGE, 1, 1, 4>(a, sh, rt, nsh, st, groups)
                            : launch_gemm<STAGE, 1, 8, 1>(a, sh, rt, nsh, st, groups);
+    }
     case 2:
         return kq % 4 == 0 ? launch_gemm<STAGE, 2, 1, 4>(a, sh, rt, nsh, st, groups)
                            : launch_gemm<STAGE, 2, 8, 1>(a, sh, rt, nsh, st, groups);
@@ -1001,16 +1004,15 @@ extern "C" int kern_moe_forward(const struct kern_moe_layer *L, const float *x,
 
 /* ---- dense FP8 linears (the GPU engine's fast path) through the shared-expert GEMM ---- */
 
-/* The wgmma path (blocks of 256 rows x 64 or 128 tokens) for long steps or when it has two waves
- * of blocks; else 32-token mma.sync tiles over 64-row blocks (16x more blocks). */
+/* The wgmma path (blocks of 256 rows x 64 or 128 tokens) for long steps or when it has at least
+ * 32 blocks; else 32-token mma.sync tiles over 64-row blocks (16x more blocks, but each tile
+ * reads the weights again). Threshold measured on the 8-layer Flash model at batch 64 (H200):
+ * 32 blocks 12.31 ms per step, 100: 12.42, 264 (two waves): 12.65, any count: 13.34. */
 extern "C" int kern_gemm_fp8_perm(int rows, int groups, int T)
 {
-    static int sms;
-    if (!sms && cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0) != cudaSuccess)
-        sms = 132;
     const int BT = T >= 96 ? 128 : 64;
     return T > 32 && rows % (64 * MOE_WGS) == 0 &&
-           (T >= 256 || (long)groups * (rows / (64 * MOE_WGS)) * ((T + BT - 1) / BT) >= 2L * sms);
+           (T >= 256 || (long)groups * (rows / (64 * MOE_WGS)) * ((T + BT - 1) / BT) >= 32);
 }
 
 extern "C" int kern_gemm_fp8(const struct kern_fp8_mat *W, int groups, const uint16_t *xb,
@@ -1039,6 +1041,16 @@ extern "C" int kern_gemm_fp8(const struct kern_fp8_mat *W, int groups, const uin
     if (kern_gemm_fp8_perm(W->rows, groups, T))
         return T >= 96 ? launch_wg<STAGE_DOWN, 128>(s, s, 0, (T + 127) / 128, stream, groups)
                        : launch_wg<STAGE_DOWN, 64>(s, s, 0, (T + 63) / 64, stream, groups);
-    const int NT = T <= 8 ? 1 : (T <= 16 ? 2 : 4);
-    return launch_nt<STAGE_DOWN>(NT, s, s, 0, (T + NT * 8 - 1) / (NT * 8), stream, groups);
+    const int NT = T <= 8 ? 1 : (T <= 16 ? 2 : 4), ntile = (T + NT * 8 - 1) / (NT * 8);
+    /* few 16-row blocks (wq_a, wkv, wo_b at N <= 4096): split K over 8 or 16 warps instead of 4,
+     * for ~2048 warps (~16 per SM) and so enough weight loads in flight (measured: batch 1
+     * step -33 us on the 8-layer Flash model, H200; fewer, longer warps for wq_b: no change) */
+    const int kq = s.Kd / 256;
+    const long warps = (long)groups * (s.N / 16) * ntile * 4;
+    if (NT == 1 && kq % 16 == 0 && warps * 2 < 2048) /* (NT 2 would spill at 16) */
+        return launch_gemm<STAGE_DOWN, 1, 1, 16>(s, s, 0, ntile, stream, groups);
+    if (NT <= 2 && kq % 8 == 0 && warps < 2048)
+        return NT == 1 ? launch_gemm<STAGE_DOWN, 1, 1, 8>(s, s, 0, ntile, stream, groups)
+                       : launch_gemm<STAGE_DOWN, 2, 1, 8>(s, s, 0, ntile, stream, groups);
+    return launch_nt<STAGE_DOWN>(NT, s, s, 0, ntile, stream, groups);
 }

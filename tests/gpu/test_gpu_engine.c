@@ -104,6 +104,18 @@ static uint32_t rnd(void)
     return (uint32_t)(rng_state >> 33);
 }
 
+static int argmax(const float *v, int n);
+
+/* How far below its best logit the oracle row `ref` puts the token `row` picks, relative to
+ * ref's largest |logit| (0 when they pick the same). */
+static double pick_regret(const float *ref, const float *row, int n)
+{
+    double amax = 0;
+    for (int i = 0; i < n; i++)
+        amax = fabs(ref[i]) > amax ? fabs(ref[i]) : amax;
+    return amax > 0 ? ((double)ref[argmax(ref, n)] - ref[argmax(row, n)]) / amax : 0.0;
+}
+
 static int argmax(const float *v, int n)
 {
     int b = 0;
@@ -162,8 +174,13 @@ static int step1(struct backend *b, int slot, const int32_t *tok, int n, int wan
  * the same context) and the GPU's argmax must agree with the CPU's at every step in exact
  * numerics; in model numerics the bound is calibrated in the same run: a CPU twin in exact
  * numerics is fed the same tokens, and the fast path must stay closer to the model-numerics
- * oracle than that twin (mean logits error over the 65 rows, and greedy agreement), i.e. within
- * what the model's own FP8/FP4 rounding changes.
+ * oracle than that twin, i.e. within what the model's own FP8/FP4 rounding changes: in the mean
+ * logits error over the 65 rows, and in the greedy regret, the sum over rows of how far the
+ * oracle's logit of the token picked sits below the oracle's best (relative to the row's largest
+ * |logit|). The regret, not the count of agreeing picks, because the tiny random models' logits
+ * are nearly flat: a third of the exact twin's picks differ from the oracle's, most on near-ties,
+ * so the count moves by whole tokens on last-bit changes (41 vs 42 of 64 for a change of
+ * summation order); the count is printed too.
  */
 static int compare(struct dsv4_model *m, const char *spec, const char *label, const int32_t *prompt,
                    float *ref, int32_t *gtok, struct backend **gpu_out)
@@ -225,6 +242,11 @@ static int compare(struct dsv4_model *m, const char *spec, const char *label, co
         tap(e0 <= TOL, "%s: prefill logits max rel err %.3e (bound %.0e)%s", label, e0, TOL,
             ident ? ", bit-identical" : "");
     int same = 1, first_diff = -1, agree = 0, qagree = 0;
+    double regret = 0, qregret = 0; /* greedy regret against the oracle, see above */
+    if (qb) {
+        regret += pick_regret(lc, lg, V);
+        qregret += pick_regret(lc, lq, V);
+    }
     const int rows = 1 + DECODE; /* compared rows when teacher-forced */
     double t_dec = 0;
     int32_t tc = argmax(lc, V), tg = argmax(lg, V);
@@ -261,18 +283,20 @@ static int compare(struct dsv4_model *m, const char *spec, const char *label, co
             qmax = q > qmax ? q : qmax;
             qsum += q;
             qagree += argmax(lq, V) == argmax(lc, V);
+            regret += pick_regret(lc, lg, V);
+            qregret += pick_regret(lc, lq, V);
         }
         tc = argmax(lc, V);
         tg = argmax(lg, V);
         agree += tg == tc;
     }
     if (calib) {
-        tap(QUICK ? isfinite(esum) : esum <= qsum && agree >= qagree,
+        tap(QUICK ? isfinite(esum) : esum <= qsum && regret <= qregret,
             "%s: prefill + %d teacher-forced decode rows: logits rel err mean %.3e max %.3e (cpu "
-            "exact vs model numerics: mean %.3e max %.3e), greedy agreement %d/%d (cpu exact: "
-            "%d/%d) (%.2f ms per gpu step)",
-            label, DECODE, esum / rows, emax, qsum / rows, qmax, agree, DECODE, qagree, DECODE,
-            1e3 * t_dec / DECODE);
+            "exact vs model numerics: mean %.3e max %.3e), greedy regret %.3e (cpu exact: %.3e), "
+            "agreement %d/%d (cpu exact: %d/%d) (%.2f ms per gpu step)",
+            label, DECODE, esum / rows, emax, qsum / rows, qmax, regret, qregret, agree, DECODE,
+            qagree, DECODE, 1e3 * t_dec / DECODE);
         TOL = qmax; /* the bound of the chunked and batched comparisons below */
     } else {
         tap(FAST ? agree == DECODE : same, "%s: greedy tokens identical for %d steps%s", label,

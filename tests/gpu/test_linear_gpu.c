@@ -332,12 +332,12 @@ int main(void)
     kern_device_name(name, sizeof name);
     rs = (uint64_t)time(NULL) * 2654435761u;
     printf("# device: %s, seed %llu\n", name, (unsigned long long)rs);
-    static const int Ts[] = {1, 7, 33, 300};
+    static const int Ts[] = {1, 7, 12, 33, 300};
     /* Flash: wq_a, wkv, wq_b, indexer wq_b, wo_b, wo_a (8 groups) */
     static const int shapes[][3] = {{1024, 4096, 1}, {512, 4096, 1},  {32768, 1024, 1},
                                     {8192, 1024, 1}, {4096, 8192, 1}, {8192, 4096, 8}};
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
-        for (int i = 0; i < 4; i++) {
+        for (int i = 0; i < 5; i++) {
             if ((double)shapes[s][0] * shapes[s][1] * Ts[i] > 2.5e9)
                 continue; /* keeps the FP64 reference quick */
             test_fp8(shapes[s][0], shapes[s][1], shapes[s][2], Ts[i], shapes[s][2] == 1);
