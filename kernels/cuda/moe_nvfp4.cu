@@ -337,8 +337,12 @@ __device__ __forceinline__ void gemm_body(const gemm_args &a, int tile, float *r
 
 /* Shared-expert tiles (FP8) in blockIdx.y < sh_tiles (scheduled first: they need no routing),
  * routed tiles (NVFP4) after them. */
+/* 8-token tiles in 4-warp blocks: five blocks (20 warps) per SM, i.e. at most 96 registers (the
+ * one-warp-per-row-block split took 98 and so fit only 16 warps: 96 made the Flash MoE layer at
+ * T = 64 902 instead of 988 us on an H200, no spills). Other shapes: ptxas's own choice (an
+ * explicit minimum of 1 makes it take up to 128 registers). */
 template <int STAGE, int NT, int RB, int KS>
-__global__ void __launch_bounds__(RB *KS * 32)
+__global__ void __launch_bounds__(RB *KS * 32, NT == 1 && RB * KS == 4 ? 5 : 0)
     moe_gemm(const gemm_args a, const gemm_args sh, int sh_tiles)
 {
     __shared__ float red[(KS > 1 ? KS - 1 : 1) * RB * NT * 4 * 32];
@@ -797,7 +801,7 @@ static int launch_nt(int NT, const gemm_args &a, const gemm_args &sh, int rt, in
          * few tokens), 2 in the middle, 4 row blocks of one warp each once there are many tiles
          * (bench_moe_gpu, H200, layer us at T = 1 / 4 / 16 / 64 / 256, Flash: KS 4: 56.7 / 141 /
          * 418 / 1074 / 1902; KS 2: 58.4 / 138 / 397 / 1021 / 1802; 1 warp: 59.4 / 146 / 407 /
-         * 996 / 1756; Pro likewise) */
+         * 996 / 1756; Pro likewise; measured before the 96-register bound of moe_gemm) */
         const long items = (long)groups * (a.N / 16) * (rt + nsh); /* (16-row block, tile)s */
         if (items >= 60000 && (a.N / 16) % 4 == 0)
             return launch_gemm<STAGE, 1, 4, 1>(a, sh, rt, nsh, st, groups);
