@@ -13,10 +13,10 @@
 
 #define HCF_THREADS     256
 #define HCF_FIN_THREADS 512 /* hcf_finish_k: one row per block, latency-bound: more loads in flight */
-#define HCF_MAX     16
-#define HCF_SLICES  32 /* K slices of the projection (one per lane in hcf_finish_k) */
-#define HCF_ROWS    8  /* rows per block of the projection */
-#define HCF_MIXMAX  ((2 + HCF_MAX) * HCF_MAX)
+#define HCF_MAX         16
+#define HCF_SLICES      32 /* K slices of the projection (one per lane in hcf_finish_k) */
+#define HCF_ROWS        8  /* rows per block of the projection */
+#define HCF_MIXMAX      ((2 + HCF_MAX) * HCF_MAX)
 
 /* Sum of v over the block (every thread gets it); sm: 32 floats. */
 __device__ __forceinline__ float hcf_block_sum(float v, float *sm)
@@ -86,9 +86,10 @@ __global__ void __launch_bounds__(HCF_THREADS)
 }
 
 /*
- * One row per block (float4 loads and stores: d % 4 == 0, 16-byte aligned rows): the mix (the slices summed in order) times the row's rsqrt(mean(X^2) +
+ * One row per block: the mix (the slices summed in order) times the row's rsqrt(mean(X^2) +
  * eps), then the gates (pre, post, comb; head == 0) or the head's pre only (head == 1), then
- * u = sum_k pre[k] X[k] and RMSNorm(w) into out (T, d).
+ * u = sum_k pre[k] X[k] and RMSNorm(w) into out (T, d). float4 loads and stores (d % 4 == 0,
+ * rows 16-byte aligned).
  */
 __global__ void hcf_finish_k(const float *__restrict__ X, int n, int d,
                              const float *__restrict__ part, int nmix,
@@ -185,8 +186,8 @@ static int hcf_run(const float *X, int T, int n, int d, const float *fn, int nmi
                      HCF_THREADS, 0, st, 1, X, T, len, fn, nmix, part))
         return ERR_CUDA;
     EX_LAUNCH_CHECK();
-    if (kern__launch(hcf_finish_k, T, HCF_FIN_THREADS, sizeof(float) * (size_t)d, st, 1, X, n, d, part,
-                     nmix, base, scale, iters, hc_eps, norm_eps, w, head, out, post, comb))
+    if (kern__launch(hcf_finish_k, T, HCF_FIN_THREADS, sizeof(float) * (size_t)d, st, 1, X, n, d,
+                     part, nmix, base, scale, iters, hc_eps, norm_eps, w, head, out, post, comb))
         return ERR_CUDA;
     EX_LAUNCH_CHECK();
     return 0;

@@ -104,7 +104,14 @@ static uint32_t rnd(void)
     return (uint32_t)(rng_state >> 33);
 }
 
-static int argmax(const float *v, int n);
+static int argmax(const float *v, int n)
+{
+    int b = 0;
+    for (int i = 1; i < n; i++)
+        if (v[i] > v[b])
+            b = i;
+    return b;
+}
 
 /* How far below its best logit the oracle row `ref` puts the token `row` picks, relative to
  * ref's largest |logit| (0 when they pick the same). */
@@ -114,15 +121,6 @@ static double pick_regret(const float *ref, const float *row, int n)
     for (int i = 0; i < n; i++)
         amax = fabs(ref[i]) > amax ? fabs(ref[i]) : amax;
     return amax > 0 ? ((double)ref[argmax(ref, n)] - ref[argmax(row, n)]) / amax : 0.0;
-}
-
-static int argmax(const float *v, int n)
-{
-    int b = 0;
-    for (int i = 1; i < n; i++)
-        if (v[i] > v[b])
-            b = i;
-    return b;
 }
 
 /* max |a - b| / max |b| over a row */

@@ -337,7 +337,7 @@ int main(void)
     static const int shapes[][3] = {{1024, 4096, 1}, {512, 4096, 1},  {32768, 1024, 1},
                                     {8192, 1024, 1}, {4096, 8192, 1}, {8192, 4096, 8}};
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
-        for (int i = 0; i < 5; i++) {
+        for (size_t i = 0; i < sizeof Ts / sizeof Ts[0]; i++) {
             if ((double)shapes[s][0] * shapes[s][1] * Ts[i] > 2.5e9)
                 continue; /* keeps the FP64 reference quick */
             test_fp8(shapes[s][0], shapes[s][1], shapes[s][2], Ts[i], shapes[s][2] == 1);
