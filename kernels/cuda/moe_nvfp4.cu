@@ -793,7 +793,7 @@ template <int STAGE>
 static int launch_nt(int NT, const gemm_args &a, const gemm_args &sh, int rt, int nsh,
                      cudaStream_t st, int groups = 1)
 {
-    /* split K over 4 (or 2) warps when K/256 allows it, else 8 row blocks per block */
+    /* NT 2 / 4: split K over 4 / 2 warps when K/256 allows it, else 8 row blocks per block */
     const int kq = a.Kd / 256;
     switch (NT) {
     case 1: {
