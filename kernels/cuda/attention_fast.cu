@@ -12,15 +12,28 @@
  * Short steps (few rows x head groups for the multiprocessors) also split each row's keys over
  * gridDim.z blocks (flash-decoding): each writes its running maximum, denominator and unnormalised
  * output, and attn_combine_k merges them (the sink counted once, by split 0).
+ *
+ * sink_attn_tc_k (hd 512, the DSV4 models' head size) does the same on the tensor cores: per
+ * block 16 * MT heads of one row, keys staged 32 at a time; logits S = Q K^T and the output
+ * O += P V as BF16 mma.sync m16n8k16 with FP32 accumulators, each operand split into a BF16
+ * high part and a BF16 remainder (x = hi + lo, |lo| <= 2^-9 |x|) and three products
+ * hi.hi + hi.lo + lo.hi, so the sums keep ~16 bits of every product (the dropped lo.lo term is
+ * below 2^-16 relative): FP32-level numerics at tensor-core speed. Warps 4m..4m+3 own heads
+ * 16m..16m+15: for the logits each takes 8 of the 32 keys, for the output a quarter of hd; the
+ * online softmax (per chunk: the running maximum, starting from the sink) is computed by each
+ * of the four identically, from the chunk's logits in shared memory.
  */
 #include "kernels/cuda/attention.cuh"
 #include "kernels/cuda/exact.cuh"
 #include "kernels/cuda/kvfmt.cuh"
 
+#include <stdlib.h>
+#include <string.h>
+
 #define ATTF_KC   32 /* keys per shared-memory chunk */
 #define ATTF_MAXR 16 /* hd <= 512 */
 #define ATTF_HPW  2  /* heads per warp (each staged key value is loaded once for them) */
-#define ATTF_MAXS 16 /* key splits at most (attf_splits) */
+#define ATTF_MAXS 32 /* key splits at most */
 
 __global__ void __launch_bounds__(512)
     sink_attn_fast_k(struct kern_batch b, struct kern_cache c, struct kern_layer_cache l,
@@ -147,45 +160,372 @@ __global__ void __launch_bounds__(512)
     }
 }
 
-/* One warp per (row, head): merge the S partials, normalise, inverse RoPE. */
-__global__ void attn_combine_k(const float *part, int T, int H, int hd, int S, int rope_dim,
+/* One block per (row, head), a thread per pair of columns: merge the S partials (weights
+ * exp(m_z - M), sums in split order), normalise, inverse RoPE of the pair if it is a RoPE one. */
+__global__ void attn_combine_k(const float *part, int hd, int S, int H, int rope_dim,
                                const float *inv_freq, const int32_t *row_pos, float *o)
 {
     kern__pdl_wait();
     kern__pdl_launch();
-    const int gw = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-    if (gw >= T * H)
-        return;
-    const int t = gw / H;
-    const float *p = part + (size_t)gw * S * (hd + 2);
-    /* lane z < S holds split z's max; every weight exp(m_z - M) is computed once (by lane z)
-     * and the sums run in split order as before */
-    const float mz = lane < S ? p[(size_t)lane * (hd + 2)] : -INFINITY;
-    float M = mz;
-    for (int o = 16; o; o >>= 1)
-        M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
-    const float wz = lane < S ? expf(mz - M) : 0.0f;
-    const float dz = lane < S ? p[(size_t)lane * (hd + 2) + 1] * wz : 0.0f;
-    float wt[ATTF_MAXS], den = 0.0f;
-#pragma unroll
-    for (int z = 0; z < ATTF_MAXS; z++) {
-        wt[z] = __shfl_sync(0xffffffffu, wz, z);
-        const float dv = __shfl_sync(0xffffffffu, dz, z);
-        if (z < S)
-            den += dv;
+    const int i2 = threadIdx.x, t = blockIdx.x / H;
+    const float *p = part + (size_t)blockIdx.x * S * (hd + 2);
+    float M = -INFINITY;
+    for (int z = 0; z < S; z++)
+        M = fmaxf(M, p[(size_t)z * (hd + 2)]);
+    float den = 0.0f;
+    float2 v = make_float2(0.0f, 0.0f);
+    for (int z = 0; z < S; z++) {
+        const float *pz = p + (size_t)z * (hd + 2);
+        const float w = expf(pz[0] - M);
+        den += pz[1] * w;
+        const float2 x = *(const float2 *)(pz + 2 + 2 * i2);
+        v.x += x.x * w;
+        v.y += x.y * w;
     }
-    float *oh = o + (size_t)gw * hd;
-    for (int i = lane; i < hd; i += 32) {
-        float v = 0.0f;
-#pragma unroll
-        for (int z = 0; z < ATTF_MAXS; z++)
-            if (z < S)
-                v += p[(size_t)z * (hd + 2) + 2 + i] * wt[z];
-        oh[i] = v / den;
+    float r[2] = {v.x / den, v.y / den};
+    const int j = 2 * i2 - (hd - rope_dim); /* its place among the RoPE dims */
+    if (j >= 0)
+        ex_rope_pair(r, 0, inv_freq + j / 2, row_pos[t], 1);
+    *(float2 *)(o + (size_t)blockIdx.x * hd + 2 * i2) = make_float2(r[0], r[1]);
+}
+
+static int attn_combine(const float *ws, int T, int H, int hd, int S, int rope_dim,
+                        const float *inv_freq, const int32_t *row_pos, float *o, cudaStream_t st)
+{
+    if (kern__launch(attn_combine_k, T * H, hd / 2, 0, st, 1, ws, hd, S, H, rope_dim, inv_freq,
+                     row_pos, o))
+        return ERR_CUDA;
+    EX_LAUNCH_CHECK();
+    return 0;
+}
+
+/* ---- tensor cores ---- */
+
+#define ATC_HD  512 /* head size of the tensor-core kernel */
+#define ATC_LD  (ATC_HD + 8) /* BF16 row stride in shared memory (conflict-free ldmatrix) */
+#define ATC_SLD (ATTF_KC + 1)
+
+__device__ __forceinline__ void atc_ldsm_x4(uint32_t (&r)[4], const void *p)
+{
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"((uint32_t)__cvta_generic_to_shared(p)));
+}
+__device__ __forceinline__ void atc_ldsm_x4_t(uint32_t (&r)[4], const void *p)
+{
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"((uint32_t)__cvta_generic_to_shared(p)));
+}
+__device__ __forceinline__ void atc_ldsm_x2(uint32_t (&r)[2], const void *p)
+{
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"((uint32_t)__cvta_generic_to_shared(p)));
+}
+
+/* x -> BF16 hi + BF16 lo (x - hi, rounded), for two values: (hi pair, lo pair). */
+__device__ __forceinline__ void atc_split2(float x0, float x1, uint32_t &hi, uint32_t &lo)
+{
+    const __nv_bfloat162 h = __floats2bfloat162_rn(x0, x1);
+    const float2 hf = __bfloat1622float2(h);
+    const __nv_bfloat162 l = __floats2bfloat162_rn(x0 - hf.x, x1 - hf.y);
+    hi = *(const uint32_t *)&h;
+    lo = *(const uint32_t *)&l;
+}
+
+/* Four values -> hi / lo rows of shared memory at element offset i (a multiple of 4). */
+__device__ __forceinline__ void atc_put4(__nv_bfloat16 *hi, __nv_bfloat16 *lo, size_t i, float4 v)
+{
+    uint2 h, l;
+    atc_split2(v.x, v.y, h.x, l.x);
+    atc_split2(v.z, v.w, h.y, l.y);
+    *(uint2 *)(hi + i) = h;
+    *(uint2 *)(lo + i) = l;
+}
+
+/*
+ * Elements 4 i4 .. 4 i4 + 3 of a key (kp: a cache entry in the layer's format or, fresh / FP32
+ * layer, hd floats; NULL: zeros), in two steps so that a thread issues all its loads of a chunk
+ * before it waits for any: atc_key_raw loads the bytes, atc_key_val decodes them.
+ */
+__device__ __forceinline__ uint4 atc_key_raw(const char *kp, int f32, int i4, int nope)
+{
+    if (!kp)
+        return make_uint4(0u, 0u, 0u, 0u);
+    if (f32)
+        return __ldg((const uint4 *)kp + i4);
+    const uint8_t *e = (const uint8_t *)kp;
+    if (4 * i4 < nope) /* codes, scale byte */
+        return make_uint4(__ldg((const uint32_t *)(e + 4 * i4)), __ldg(e + nope + 4 * i4 / 64), 0u,
+                          0u);
+    const uint2 r = __ldg((const uint2 *)(e + kvf_rope_at(nope) + 2 * (4 * i4 - nope)));
+    return make_uint4(r.x, r.y, 0u, 0u); /* four BF16 */
+}
+
+__device__ __forceinline__ float4 atc_key_val(uint4 r, int f32, int i4, int nope)
+{
+    if (f32)
+        return make_float4(__uint_as_float(r.x), __uint_as_float(r.y), __uint_as_float(r.z),
+                           __uint_as_float(r.w));
+    if (4 * i4 < nope) {
+        const float sc = kvf_scale((uint8_t)r.y);
+        const float2 fa = __half22float2(__half2(
+            __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(r.x & 0xffffu), __NV_E4M3)));
+        const float2 fb = __half22float2(
+            __half2(__nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(r.x >> 16), __NV_E4M3)));
+        return make_float4(fa.x * sc, fa.y * sc, fb.x * sc, fb.y * sc);
     }
+    return make_float4(__uint_as_float(r.x << 16), __uint_as_float(r.x & 0xffff0000u),
+                       __uint_as_float(r.y << 16), __uint_as_float(r.y & 0xffff0000u));
+}
+
+__device__ __forceinline__ void atc_mma3(float (&d)[4], const uint32_t (&ah)[4],
+                                         const uint32_t (&al)[4], uint32_t bh0, uint32_t bh1,
+                                         uint32_t bl0, uint32_t bl1)
+{
+    kern__mma_bf16(d, ah[0], ah[1], ah[2], ah[3], bh0, bh1);
+    kern__mma_bf16(d, ah[0], ah[1], ah[2], ah[3], bl0, bl1);
+    kern__mma_bf16(d, al[0], al[1], al[2], al[3], bh0, bh1);
+}
+
+template <int MT>
+__global__ void __launch_bounds__(MT * 128, 1)
+    sink_attn_tc_k(struct kern_batch b, struct kern_cache c, struct kern_layer_cache l,
+                   const float *q, const float *kv, const int32_t *sel, int topk,
+                   const float *sinks, int H, int W, int rope_dim, const float *inv_freq, float *o,
+                   float *part)
+{
+    kern__pdl_wait();
+    kern__pdl_launch();
+    constexpr int HD = ATC_HD, LD = ATC_LD, NQ = MT * 16, NTW = HD / 32;
+    extern __shared__ __align__(16) unsigned char atc_sm[];
+    __nv_bfloat16 *qh = (__nv_bfloat16 *)atc_sm, *ql = qh + NQ * LD; /* (NQ, LD) */
+    __nv_bfloat16 *kh = ql + NQ * LD, *kl = kh + ATTF_KC * LD;      /* (KC, LD) */
+    float *ss = (float *)(kl + ATTF_KC * LD);                        /* (NQ, SLD) logits */
+    const char **kp = (const char **)(ss + NQ * ATC_SLD); /* (2, KC) key addresses by parity */
+    int *kf32 = (int *)(kp + 2 * ATTF_KC);                 /* (2, KC) FP32 key (fresh or layer) */
+    const int t = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, c4 = lane & 3, mt = warp >> 2, qw = warp & 3;
+    const int h0 = blockIdx.y * NQ;
+    const struct att_row a = att_row_of(b, l, t, W, topk);
+    const int nk_all = a.nwin + a.ncomp, S = gridDim.z, z = blockIdx.z;
+    const int nch = (nk_all + ATTF_KC - 1) / ATTF_KC;
+    const int jb = (int)((long)nch * z / S) * ATTF_KC;
+    const int nk = (int)((long)nch * (z + 1) / S) * ATTF_KC < nk_all
+                       ? (int)((long)nch * (z + 1) / S) * ATTF_KC
+                       : nk_all;
+    const int32_t *sel_t = sel ? sel + (size_t)t * topk : NULL;
+
+    /* the block's queries, split */
+    for (int i = threadIdx.x; i < NQ * HD / 4; i += blockDim.x) {
+        const int r = i / (HD / 4), i4 = i % (HD / 4), h = h0 + r;
+        const float4 v = h < H ? ((const float4 *)(q + ((size_t)t * H + h) * HD))[i4]
+                               : make_float4(0.f, 0.f, 0.f, 0.f);
+        atc_put4(qh, ql, (size_t)r * LD + 4 * i4, v);
+    }
+    /* rows g, g+8 of this warp's 16 heads: running maximum and denominator (the sink in split 0) */
+    const int hA = h0 + mt * 16 + g, hB = hA + 8;
+    float mA = z == 0 && hA < H ? sinks[hA] : -INFINITY, mB = z == 0 && hB < H ? sinks[hB] : -INFINITY;
+    float lA = z == 0 ? 1.0f : 0.0f, lB = lA;
+    float acc[NTW][4];
+#pragma unroll
+    for (int n = 0; n < NTW; n++)
+        acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+    const float scale = 1.0f / sqrtf((float)HD);
+    const int col0 = qw * (HD / 4); /* this warp's output columns */
+
+    /* the key addresses of chunk j0 into buffer (j0 / KC) & 1 (warp 0; chunk j0 + KC's are made
+     * while chunk j0 is multiplied) */
+    auto key_addrs = [&](int j0) {
+        if (threadIdx.x < ATTF_KC && j0 < nk) {
+            const int j = j0 + threadIdx.x, buf = ((j0 - jb) / ATTF_KC) & 1;
+            int fr = 0;
+            kp[buf * ATTF_KC + threadIdx.x] =
+                j < nk ? att_key(b, c, l, a, kv, HD, W, sel_t, j, &fr) : NULL;
+            kf32[buf * ATTF_KC + threadIdx.x] = fr || !l.fp8;
+        }
+    };
+    key_addrs(jb);
+    /* loads in flight per thread: 8, or 4 where the 512-thread block caps registers at 128 */
+    constexpr int NT = MT * 128, PER = ATTF_KC * HD / 4 / NT, BATCH = MT == 4 ? 4 : 8;
+    const int i4 = threadIdx.x % (HD / 4), nope = HD - l.rope; /* the same column every item */
+    for (int j0 = jb; j0 < nk; j0 += ATTF_KC) {
+        const int nc = nk - j0 < ATTF_KC ? nk - j0 : ATTF_KC, buf = ((j0 - jb) / ATTF_KC) & 1;
+        __syncthreads(); /* the previous chunk's keys and logits are used up; addresses made */
+        /* thread item u: key threadIdx.x / (HD / 4) + u (NT / (HD / 4)), columns 4 i4.. */
+#pragma unroll
+        for (int u0 = 0; u0 < PER; u0 += BATCH) {
+            uint4 raw[BATCH];
+#pragma unroll
+            for (int u = 0; u < BATCH; u++) {
+                const int j = (int)threadIdx.x / (HD / 4) + (u0 + u) * (NT / (HD / 4));
+                raw[u] = atc_key_raw(kp[buf * ATTF_KC + j], kf32[buf * ATTF_KC + j], i4, nope);
+            }
+#pragma unroll
+            for (int u = 0; u < BATCH; u++) {
+                const int j = (int)threadIdx.x / (HD / 4) + (u0 + u) * (NT / (HD / 4));
+                atc_put4(kh, kl, (size_t)j * LD + 4 * i4,
+                         atc_key_val(raw[u], kf32[buf * ATTF_KC + j], i4, nope));
+            }
+        }
+        __syncthreads();
+        if (warp == 0)
+            key_addrs(j0 + ATTF_KC);
+        /* logits of heads 16 mt.. and keys 8 qw.. */
+        {
+            /* NA independent accumulators (k-steps mod NA): chains of 96 / NA MMAs; 2 where the
+             * 512-thread block caps registers at 128 */
+            constexpr int NA = MT == 4 ? 2 : 4;
+            float s4[4][4] = {};
+            const size_t qoff = (size_t)(mt * 16 + (lane & 15)) * LD + (lane >> 4) * 8;
+            const size_t koff = (size_t)(qw * 8 + (lane & 7)) * LD + ((lane >> 3) & 1) * 8;
+#pragma unroll 2
+            for (int k4 = 0; k4 < HD / 16; k4 += NA)
+#pragma unroll
+                for (int u = 0; u < NA; u++) {
+                    const int ks = k4 + u;
+                    uint32_t ah[4], al[4], bh[2], bl[2];
+                    atc_ldsm_x4(ah, qh + qoff + ks * 16);
+                    atc_ldsm_x4(al, ql + qoff + ks * 16);
+                    atc_ldsm_x2(bh, kh + koff + ks * 16);
+                    atc_ldsm_x2(bl, kl + koff + ks * 16);
+                    atc_mma3(s4[u], ah, al, bh[0], bh[1], bl[0], bl[1]);
+                }
+            float sacc[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+                sacc[i] = (s4[0][i] + s4[1][i]) + (s4[2][i] + s4[3][i]);
+            const int k0 = qw * 8 + 2 * c4;
+            float *sr = ss + (size_t)(mt * 16 + g) * ATC_SLD;
+            sr[k0] = k0 < nc ? scale * sacc[0] : -INFINITY;
+            sr[k0 + 1] = k0 + 1 < nc ? scale * sacc[1] : -INFINITY;
+            sr[8 * ATC_SLD + k0] = k0 < nc ? scale * sacc[2] : -INFINITY;
+            sr[8 * ATC_SLD + k0 + 1] = k0 + 1 < nc ? scale * sacc[3] : -INFINITY;
+        }
+        __syncthreads();
+        /* online softmax of rows g, g+8 over this chunk; P as A fragments (keys 16ks + ..) */
+        uint32_t ph[2][4], pl[2][4];
+        {
+            const float *rA = ss + (size_t)(mt * 16 + g) * ATC_SLD, *rB = rA + 8 * ATC_SLD;
+            float vA[8], vB[8], xA = -INFINITY, xB = -INFINITY;
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                vA[2 * u] = rA[8 * u + 2 * c4];
+                vA[2 * u + 1] = rA[8 * u + 2 * c4 + 1];
+                vB[2 * u] = rB[8 * u + 2 * c4];
+                vB[2 * u + 1] = rB[8 * u + 2 * c4 + 1];
+            }
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+                xA = fmaxf(xA, vA[u]);
+                xB = fmaxf(xB, vB[u]);
+            }
+#pragma unroll
+            for (int m = 1; m < 4; m <<= 1) {
+                xA = fmaxf(xA, __shfl_xor_sync(0xffffffffu, xA, m));
+                xB = fmaxf(xB, __shfl_xor_sync(0xffffffffu, xB, m));
+            }
+            const float nA = fmaxf(mA, xA), nB = fmaxf(mB, xB);
+            const float fA = expf(mA - nA), fB = expf(mB - nB);
+            float sA = 0.0f, sB = 0.0f;
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+                vA[u] = expf(vA[u] - nA);
+                vB[u] = expf(vB[u] - nB);
+                sA += vA[u];
+                sB += vB[u];
+            }
+#pragma unroll
+            for (int m = 1; m < 4; m <<= 1) {
+                sA += __shfl_xor_sync(0xffffffffu, sA, m);
+                sB += __shfl_xor_sync(0xffffffffu, sB, m);
+            }
+            lA = lA * fA + sA;
+            lB = lB * fB + sB;
+            mA = nA;
+            mB = nB;
+#pragma unroll
+            for (int n = 0; n < NTW; n++) {
+                acc[n][0] *= fA;
+                acc[n][1] *= fA;
+                acc[n][2] *= fB;
+                acc[n][3] *= fB;
+            }
+            /* k-step s: a0 = (g, 16s + 2c), a1 = (g+8, ..), a2 = (g, 16s + 8 + 2c), a3 = (g+8, ..) */
+#pragma unroll
+            for (int s2 = 0; s2 < 2; s2++) {
+                atc_split2(vA[4 * s2], vA[4 * s2 + 1], ph[s2][0], pl[s2][0]);
+                atc_split2(vB[4 * s2], vB[4 * s2 + 1], ph[s2][1], pl[s2][1]);
+                atc_split2(vA[4 * s2 + 2], vA[4 * s2 + 3], ph[s2][2], pl[s2][2]);
+                atc_split2(vB[4 * s2 + 2], vB[4 * s2 + 3], ph[s2][3], pl[s2][3]);
+            }
+        }
+        /* O (16 heads x this warp's HD/4 columns) += P V */
+#pragma unroll
+        for (int n = 0; n < NTW; n++) {
+            uint32_t vh[4], vl[4]; /* keys 0-7, 8-15, 16-23, 24-31 of columns col0 + 8n.. */
+            atc_ldsm_x4_t(vh, kh + (size_t)lane * LD + col0 + 8 * n);
+            atc_ldsm_x4_t(vl, kl + (size_t)lane * LD + col0 + 8 * n);
+#pragma unroll
+            for (int s2 = 0; s2 < 2; s2++)
+                atc_mma3(acc[n], ph[s2], pl[s2], vh[2 * s2], vh[2 * s2 + 1], vl[2 * s2],
+                         vl[2 * s2 + 1]);
+        }
+    }
+
+    /* acc[n][0..1]: head hA, columns col0 + 8n + 2c (+1); acc[n][2..3]: head hB */
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int h = r ? hB : hA;
+        if (h >= H)
+            continue;
+        const float m = r ? mB : mA, den = r ? lB : lA;
+        if (S > 1) { /* a partial: (m, den, acc[hd]) */
+            float *p = part + (((size_t)t * H + h) * S + z) * (HD + 2);
+            if (qw == 0 && c4 == 0) {
+                p[0] = m;
+                p[1] = den;
+            }
+#pragma unroll
+            for (int n = 0; n < NTW; n++)
+                *(float2 *)(p + 2 + col0 + 8 * n + 2 * c4) =
+                    make_float2(acc[n][2 * r], acc[n][2 * r + 1]);
+        } else {
+            float *oh = o + ((size_t)t * H + h) * HD;
+            const float inv = 1.0f / den;
+#pragma unroll
+            for (int n = 0; n < NTW; n++)
+                *(float2 *)(oh + col0 + 8 * n + 2 * c4) =
+                    make_float2(acc[n][2 * r] * inv, acc[n][2 * r + 1] * inv);
+        }
+    }
+    if (S > 1 || col0 + HD / 4 < HD)
+        return; /* the last quarter's warps hold the RoPE dims (rope_dim <= HD / 4) */
     __syncwarp();
-    for (int i = lane; i < rope_dim / 2; i += 32)
-        ex_rope_pair(oh + hd - rope_dim, i, inv_freq, row_pos[t], 1);
+    for (int i = lane; i < 16 * (rope_dim / 2); i += 32) {
+        const int h = h0 + mt * 16 + i / (rope_dim / 2);
+        if (h < H)
+            ex_rope_pair(o + ((size_t)t * H + h) * HD + HD - rope_dim, i % (rope_dim / 2),
+                         inv_freq, a.pos, 1);
+    }
+}
+
+static size_t atc_smem(int MT)
+{
+    return sizeof(__nv_bfloat16) * (size_t)(2 * MT * 16 + 2 * ATTF_KC) * ATC_LD +
+           sizeof(float) * (size_t)MT * 16 * ATC_SLD + (sizeof(char *) + sizeof(int)) * 2 * ATTF_KC;
+}
+
+/* DSV4_CUDA_ATTN=simt: the CUDA-core kernel for every head size (A/B timing). */
+static int atc_enabled(void)
+{
+    static int on = -1;
+    if (on < 0) {
+        const char *e = getenv("DSV4_CUDA_ATTN");
+        on = !(e && !strcmp(e, "simt"));
+    }
+    return on;
 }
 
 static int attf_sms(void)
@@ -213,6 +553,66 @@ extern "C" size_t kern_attention_fast_ws_floats(int H, int hd)
     return (size_t)(4 * attf_sms() / groups + 16) * H * (hd + 2);
 }
 
+/* The tensor-core kernel with 16 MT heads per block; key splits for about one wave (one
+ * block per multiprocessor at 64 heads), within the workspace kern_attention_fast_ws_floats
+ * sized. ERR_UNSUPPORTED: the caller falls back to the CUDA-core kernel. */
+template <int MT>
+static int attention_tc_mt(const struct kern_batch *b, const struct kern_cache *c,
+                           const struct kern_layer_cache *l, const float *q, const float *kv,
+                           const int32_t *sel, int topk, const float *sinks, int H, int W,
+                           int rope_dim, const float *inv_freq, float *o, float *ws, int nk_max,
+                           cudaStream_t st)
+{
+    static int smem_ok; /* 1 set, -1 refused */
+    const size_t smem = atc_smem(MT);
+    if (!smem_ok) {
+        smem_ok = cudaFuncSetAttribute(sink_attn_tc_k<MT>,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       (int)smem) == cudaSuccess
+                      ? 1
+                      : -1;
+        if (smem_ok < 0)
+            (void)cudaGetLastError(); /* not a launch failure of a later kernel */
+    }
+    if (smem_ok < 0)
+        return ERR_UNSUPPORTED;
+    const int groups = (H + 16 * MT - 1) / (16 * MT);
+    int S = 1;
+    if (ws) {
+        const long cap = (4L * attf_sms() / ((H + 16 * ATTF_HPW - 1) / (16 * ATTF_HPW)) + 16) /
+                         b->T; /* rows x splits the workspace holds, per row */
+        /* one wave: 1 block per multiprocessor at 64 heads, 2 at 16 (shared memory); a second,
+         * partial wave would cost a whole block time */
+        const long want = (long)attf_sms() * (MT == 4 ? 1 : 2) / ((long)b->T * groups);
+        const int nch = (nk_max + ATTF_KC - 1) / ATTF_KC;
+        S = (int)(want < cap ? want : cap);
+        S = S < ATTF_MAXS ? S : ATTF_MAXS;
+        S = S < nch ? S : nch;
+        S = S < 1 ? 1 : S;
+    }
+    dim3 grid((unsigned)b->T, (unsigned)groups, (unsigned)S);
+    if (kern__launch(sink_attn_tc_k<MT>, grid, MT * 128, smem, st, 1, *b, *c, *l, q, kv, sel, topk,
+                     sinks, H, W, rope_dim, inv_freq, o, ws))
+        return ERR_CUDA;
+    EX_LAUNCH_CHECK();
+    return S > 1 ? attn_combine(ws, b->T, H, ATC_HD, S, rope_dim, inv_freq, b->row_pos, o, st)
+                 : 0;
+}
+
+static int attention_tc(const struct kern_batch *b, const struct kern_cache *c,
+                        const struct kern_layer_cache *l, const float *q, const float *kv,
+                        const int32_t *sel, int topk, const float *sinks, int H, int W,
+                        int rope_dim, const float *inv_freq, float *o, float *ws, int nk_max,
+                        cudaStream_t st)
+{
+    /* 64 heads per block once the rows alone fill the multiprocessors, else 16 (more blocks) */
+    if (H >= 64 && b->T >= attf_sms() / 3)
+        return attention_tc_mt<4>(b, c, l, q, kv, sel, topk, sinks, H, W, rope_dim, inv_freq, o,
+                                  ws, nk_max, st);
+    return attention_tc_mt<1>(b, c, l, q, kv, sel, topk, sinks, H, W, rope_dim, inv_freq, o, ws,
+                              nk_max, st);
+}
+
 extern "C" int kern_sink_attention_fast(const struct kern_batch *b, const struct kern_cache *c,
                                         const struct kern_layer_cache *l, const float *q,
                                         const float *kv, const int32_t *sel, int topk,
@@ -223,8 +623,14 @@ extern "C" int kern_sink_attention_fast(const struct kern_batch *b, const struct
         return 0;
     if ((l->ratio == 4 && !sel) || hd % 128 || hd > 32 * ATTF_MAXR || b->T > 0x7fffffff)
         return l->ratio == 4 && !sel ? ERR_INVAL : ERR_UNSUPPORTED;
-    const int hg = H < 16 * ATTF_HPW ? H : 16 * ATTF_HPW; /* heads per block */
     const int nk_max = W + (l->ratio == 4 ? topk : (l->ratio ? b->max_pos / l->ratio : 0));
+    if (atc_enabled() && hd == ATC_HD && rope_dim <= hd / 4 && rope_dim % 2 == 0) {
+        int rc = attention_tc(b, c, l, q, kv, sel, topk, sinks, H, W, rope_dim, inv_freq, o, ws,
+                              nk_max, st);
+        if (rc != ERR_UNSUPPORTED)
+            return rc;
+    }
+    const int hg = H < 16 * ATTF_HPW ? H : 16 * ATTF_HPW; /* heads per block */
     const size_t smem = sizeof(float) * ATTF_KC * (size_t)hd;
     static size_t smem_set = 48 * 1024;
     if (smem > smem_set) {
@@ -241,12 +647,5 @@ extern "C" int kern_sink_attention_fast(const struct kern_batch *b, const struct
                      *c, *l, q, kv, sel, topk, sinks, H, hd, W, rope_dim, inv_freq, o, ws))
         return ERR_CUDA;
     EX_LAUNCH_CHECK();
-    if (S > 1) {
-        const int warps = b->T * H;
-        if (kern__launch(attn_combine_k, (warps + 7) / 8, 256, 0, st, 1, ws, b->T, H, hd, S,
-                         rope_dim, inv_freq, b->row_pos, o))
-            return ERR_CUDA;
-        EX_LAUNCH_CHECK();
-    }
-    return 0;
+    return S > 1 ? attn_combine(ws, b->T, H, hd, S, rope_dim, inv_freq, b->row_pos, o, st) : 0;
 }

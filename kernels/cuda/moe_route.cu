@@ -1,6 +1,7 @@
 /*
- * moe_route.cu - the MoE router on the GPU: gate GEMM in FP32 (logits = x . W_gate^T, BF16
- * weights widened exactly), s = sqrt(softplus(logits)), then per token either the hash lookup
+ * moe_route.cu - the MoE router on the GPU: gate GEMM to FP32 accuracy (logits = x . W_gate^T,
+ * BF16 weights exact; small T on the CUDA cores in FP32, larger T on the tensor cores with x in
+ * three BF16 terms), s = sqrt(softplus(logits)), then per token either the hash lookup
  * (tid2eid) or the top-K of s + bias, and the weights s[id] / sum s * route_scale (applied
  * once, here only). Matches kernels/cpu/moe.c cpu_route up to FP32 summation order.
  *
@@ -94,53 +95,94 @@ __global__ void __launch_bounds__(256)
                 logits[(size_t)(t0 + t) * E + e] = acc[t] + part[el][t];
 }
 
-/* Large T: 64 tokens x 64 experts per block, 4x4 per thread, K chunks of 16 through smem. */
+/* x (two FP32 values) -> three BF16x2 terms hi + mid + lo that sum to x to ~24 bits. */
+__device__ __forceinline__ void split3(float x0, float x1, uint32_t &h, uint32_t &m, uint32_t &l)
+{
+    const __nv_bfloat162 hb = __floats2bfloat162_rn(x0, x1);
+    const float2 hf = __bfloat1622float2(hb);
+    const float r0 = x0 - hf.x, r1 = x1 - hf.y;
+    const __nv_bfloat162 mb = __floats2bfloat162_rn(r0, r1);
+    const float2 mf = __bfloat1622float2(mb);
+    const __nv_bfloat162 lb = __floats2bfloat162_rn(r0 - mf.x, r1 - mf.y);
+    h = *(const uint32_t *)&hb;
+    m = *(const uint32_t *)&mb;
+    l = *(const uint32_t *)&lb;
+}
+
+/*
+ * Gate logits on the tensor cores: logits (T, E) = x (T, d) . W^T. W is BF16 (an exact MMA
+ * operand); x is split into three BF16 terms (hi + mid + lo: x to ~24 bits), three mma.sync
+ * m16n8k16 per k-step, FP32 sums: FP32 accuracy in another summation order than the CPU's.
+ * Block: 16 experts x 8 NTT tokens, 8 warps each over d / 8 (a lane's k-slots 2c, 2c+1, 2c+8,
+ * 2c+9 are the columns 4c..4c+3 of a 16-column step, so A and B come in 8- and 16-byte loads);
+ * the warps' sums are added in warp order (deterministic). With xb (small T), blocks of the
+ * first expert tile also write their tokens' x in BF16 for the experts.
+ */
+template <int NTT>
 __global__ void __launch_bounds__(256)
-    moe_logits_tiled(const float *__restrict__ x,    /* (T, d) */
-                     const uint16_t *__restrict__ W, /* (E, d) */
-                     int T, int d, int E, float *__restrict__ logits /* (T, E) */)
+    moe_logits_mma(const float *__restrict__ x,                     /* (T, d) */
+                   const uint16_t *__restrict__ W,                  /* (E, d) */
+                   int T, int d, int E, float *__restrict__ logits, /* (T, E) */
+                   __nv_bfloat16 *__restrict__ xb /* (T, d) or NULL */)
 {
     kern__pdl_wait();
     kern__pdl_launch();
-    __shared__ float xs[16][68];
-    __shared__ float ws[16][68];
-    const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
-    const int t0 = blockIdx.y * 64, e0 = blockIdx.x * 64;
-    float acc[4][4] = {};
-    const int lr = tid >> 2, lk = (tid & 3) * 4; /* loader: row lr, k lk..lk+3 */
-    const int xt = min(t0 + lr, T - 1);
-    for (int k0 = 0; k0 < d; k0 += 16) {
-        float4 xv = __ldg((const float4 *)(x + (size_t)xt * d + k0 + lk));
-        uint2 wv = __ldg((const uint2 *)(W + (size_t)(e0 + lr) * d + k0 + lk));
-        xs[lk + 0][lr] = xv.x;
-        xs[lk + 1][lr] = xv.y;
-        xs[lk + 2][lr] = xv.z;
-        xs[lk + 3][lr] = xv.w;
-        ws[lk + 0][lr] = __uint_as_float(wv.x << 16);
-        ws[lk + 1][lr] = __uint_as_float(wv.x & 0xffff0000u);
-        ws[lk + 2][lr] = __uint_as_float(wv.y << 16);
-        ws[lk + 3][lr] = __uint_as_float(wv.y & 0xffff0000u);
-        __syncthreads();
+    __shared__ float red[7][NTT][4][32];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    const int e0 = blockIdx.x * 16, t0 = blockIdx.y * 8 * NTT;
+    if (xb && blockIdx.x == 0) { /* the BF16 copy of this block's rows for the experts */
+        const int nt = min(8 * NTT, T - t0);
+        for (int i = threadIdx.x; i < nt * d / 4; i += blockDim.x) {
+            float4 v = __ldg((const float4 *)(x + (size_t)t0 * d) + i);
+            __nv_bfloat162 *o = (__nv_bfloat162 *)(xb + (size_t)t0 * d) + 2 * i;
+            o[0] = __floats2bfloat162_rn(v.x, v.y);
+            o[1] = __floats2bfloat162_rn(v.z, v.w);
+        }
+    }
+    const int kper = d / 8, kb = warp * kper;
+    const uint16_t *wa = W + (size_t)(e0 + g) * d + kb + 4 * c, *wb = wa + (size_t)8 * d;
+    const float *xr[NTT];
+    float acc[NTT][4];
 #pragma unroll
-        for (int kk = 0; kk < 16; kk++) {
-            float4 a = *(const float4 *)&xs[kk][ty * 4];
-            float4 b = *(const float4 *)&ws[kk][tx * 4];
-            float av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
+    for (int n = 0; n < NTT; n++) {
+        xr[n] = x + (size_t)min(t0 + 8 * n + g, T - 1) * d + kb + 4 * c;
+        acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+    }
+#pragma unroll 2
+    for (int k = 0; k < kper; k += 16) {
+        const uint2 a0 = __ldg((const uint2 *)(wa + k)), a1 = __ldg((const uint2 *)(wb + k));
+#pragma unroll
+        for (int n = 0; n < NTT; n++) {
+            const float4 v = __ldg((const float4 *)(xr[n] + k));
+            uint32_t h0, m0, l0, h1, m1, l1;
+            split3(v.x, v.y, h0, m0, l0);
+            split3(v.z, v.w, h1, m1, l1);
+            kern__mma_bf16(acc[n], a0.x, a1.x, a0.y, a1.y, h0, h1);
+            kern__mma_bf16(acc[n], a0.x, a1.x, a0.y, a1.y, m0, m1);
+            kern__mma_bf16(acc[n], a0.x, a1.x, a0.y, a1.y, l0, l1);
+        }
+    }
+    if (warp > 0)
+#pragma unroll
+        for (int n = 0; n < NTT; n++)
 #pragma unroll
             for (int i = 0; i < 4; i++)
+                red[warp - 1][n][i][lane] = acc[n][i];
+    __syncthreads();
+    if (warp > 0)
+        return;
 #pragma unroll
-                for (int j = 0; j < 4; j++)
-                    acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+    for (int n = 0; n < NTT; n++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            float v = acc[n][i];
+            for (int w = 0; w < 7; w++)
+                v += red[w][n][i][lane];
+            /* C fragment: (expert e0 + g (+8 for i >= 2), token t0 + 8n + 2c + (i & 1)) */
+            const int t = t0 + 8 * n + 2 * c + (i & 1), e = e0 + g + (i >= 2 ? 8 : 0);
+            if (t < T)
+                logits[(size_t)t * E + e] = v;
         }
-        __syncthreads();
-    }
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        int t = t0 + ty * 4 + i;
-        if (t < T)
-            *(float4 *)(logits + (size_t)t * E + e0 + tx * 4) =
-                make_float4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
-    }
 }
 
 int moe__logits(const struct kern_moe_layer *L, const float *x, int T, float *logits,
@@ -150,17 +192,22 @@ int moe__logits(const struct kern_moe_layer *L, const float *x, int T, float *lo
         return 0;
     if (L->d % 256 || L->E % 64)
         return ERR_UNSUPPORTED;
-    if (T <= 64) {
-        dim3 grid((L->E + 3) / 4, (T + 7) / 8);
-        if (kern__launch(moe_logits_warp, grid, 256, 0, st, 1, x, L->gate_w, T, L->d, L->E, logits,
-                         xb))
-            return ERR_CUDA;
-    } else {
-        dim3 grid(L->E / 64, (T + 63) / 64);
-        if (kern__launch(moe_logits_tiled, grid, 256, 0, st, 1, x, L->gate_w, T, L->d, L->E,
-                         logits))
-            return ERR_CUDA;
-    }
+    /* T <= 32: the CUDA-core kernel (more blocks: the MMA kernel has E / 16 per 8 tokens and
+     * was 5 us slower at T = 1, H100); then 8-token MMA tiles while they fill the GPU (and for
+     * xb, written per tile), else 32 (bench_moe_gpu, H100, Flash layer at T = 64 / 256 / 8192:
+     * 1056 / 1769 / 8829 us with the CUDA-core kernels, 1045 / 1561 / 8680 with these) */
+    int r;
+    if (T <= 32)
+        r = kern__launch(moe_logits_warp, dim3((L->E + 3) / 4, (T + 7) / 8), 256, 0, st, 1, x,
+                         L->gate_w, T, L->d, L->E, logits, xb);
+    else if (xb || T <= 256)
+        r = kern__launch(moe_logits_mma<1>, dim3(L->E / 16, (T + 7) / 8), 256, 0, st, 1, x,
+                         L->gate_w, T, L->d, L->E, logits, xb);
+    else
+        r = kern__launch(moe_logits_mma<4>, dim3(L->E / 16, (T + 31) / 32), 256, 0, st, 1, x,
+                         L->gate_w, T, L->d, L->E, logits, (__nv_bfloat16 *)NULL);
+    if (r)
+        return ERR_CUDA;
     KERN_LAUNCH_CHECK();
     return 0;
 }

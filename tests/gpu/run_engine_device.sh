@@ -4,18 +4,19 @@
 # Here:  sh tests/gpu/run_engine_device.sh --pack   (builds build-cuda, packs build-cuda/carry:
 #        the test binary + the shared libraries it needs that the GPU machine may lack)
 # There: sh tests/gpu/run_engine_device.sh [OUTDIR] (with build-cuda/carry carried)
-# Runs the test, the per-layer diagnosis when something fails, and compute-sanitizer memcheck
-# on the --quick case. Logs under OUTDIR.
+# Runs the tests (the attention test on both kernels), the per-layer diagnosis when something
+# fails, and compute-sanitizer memcheck on the --quick case. Logs under OUTDIR.
 D=build-cuda/carry
 if [ "$1" = --pack ]; then
     set -e
     [ -d build-cuda ] || meson setup build-cuda -Dcuda=enabled
     . tests/gpu/cuda_fresh.sh
-    ninja -C build-cuda -j2 tests/gpu/test_gpu_engine tests/gpu/test_linear_gpu tests/gpu/test_moe_gpu
+    ninja -C build-cuda -j2 tests/gpu/test_gpu_engine tests/gpu/test_linear_gpu tests/gpu/test_moe_gpu \
+        tests/gpu/test_attention_gpu
     cuda_fresh_done
     mkdir -p $D
     cp build-cuda/tests/gpu/test_gpu_engine build-cuda/tests/gpu/test_linear_gpu \
-        build-cuda/tests/gpu/test_moe_gpu $D/
+        build-cuda/tests/gpu/test_moe_gpu build-cuda/tests/gpu/test_attention_gpu $D/
     for lib in libjansson.so.4 libcudart.so.13 libonig.so.5; do
         p=$(ldd build-cuda/tests/gpu/test_gpu_engine | awk -v l=$lib '$1 == l { print $3 }')
         [ -n "$p" ] && cp -L "$p" $D/
@@ -28,9 +29,14 @@ mkdir -p "$O"
 # cuBLAS comes from the machine's CUDA toolkit (too large to carry)
 export LD_LIBRARY_PATH="$PWD/$D:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 nvidia-smi -L
-for t in test_linear_gpu test_gpu_engine "test_moe_gpu --small"; do
-    f=$(echo "$t" | tr -d ' -')
-    timeout 300 $D/$t > "$O/$f.tap" 2>&1; echo "$t rc=$?"
+for t in test_attention_gpu "DSV4_CUDA_ATTN=simt test_attention_gpu" test_linear_gpu test_gpu_engine \
+    "test_moe_gpu --small"; do
+    f=$(echo "$t" | tr -d ' -=')
+    case "$t" in
+    DSV4_CUDA_ATTN=simt*) DSV4_CUDA_ATTN=simt timeout 300 $D/${t#* } > "$O/$f.tap" 2>&1 ;;
+    *) timeout 300 $D/$t > "$O/$f.tap" 2>&1 ;;
+    esac
+    echo "$t rc=$?"
     grep -v "^ok" "$O/$f.tap"; echo "$(grep -c '^ok' "$O/$f.tap") ok"
 done
 if grep -q "^not ok" "$O/test_gpu_engine.tap"; then
