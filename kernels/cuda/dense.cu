@@ -221,15 +221,11 @@ extern "C" int kern_rmsnorm(const float *x, const float *w, int T, int n, float 
     return 0;
 }
 
-/* one block per (row, 128-column block): the FP8 round trip of cpu_fp8_roundtrip(x, n, 128) */
-__global__ void act_quant_k(const float *x, int cols, float *out)
+/* The scale of cpu_fp8_roundtrip for the 128-column block this 128-thread block holds (thread i
+ * holds v, column i of it; len columns are real). */
+__device__ __forceinline__ float act_scale128(float v, int len)
 {
-    kern__pdl_wait();
-    kern__pdl_launch();
     __shared__ float amax_w[4];
-    const int t = blockIdx.y, b0 = blockIdx.x * 128, c = b0 + threadIdx.x;
-    const int len = cols - b0 < 128 ? cols - b0 : 128;
-    float v = c < cols ? x[(size_t)t * cols + c] : 0.0f;
     float a = threadIdx.x < len ? fabsf(v) : 0.0f;
     for (int o = 16; o > 0; o >>= 1) /* max is exact in any order */
         a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
@@ -237,8 +233,20 @@ __global__ void act_quant_k(const float *x, int cols, float *out)
         amax_w[threadIdx.x >> 5] = a;
     __syncthreads();
     float amax = fmaxf(fmaxf(fmaxf(1e-4f, amax_w[0]), amax_w[1]), fmaxf(amax_w[2], amax_w[3]));
+    return ex_pow2_scale(amax, 448.0f);
+}
+
+/* one block per (row, 128-column block): the FP8 round trip of cpu_fp8_roundtrip(x, n, 128) */
+__global__ void act_quant_k(const float *x, int cols, float *out)
+{
+    kern__pdl_wait();
+    kern__pdl_launch();
+    const int t = blockIdx.y, b0 = blockIdx.x * 128, c = b0 + threadIdx.x;
+    const int len = cols - b0 < 128 ? cols - b0 : 128;
+    const float v = c < cols ? x[(size_t)t * cols + c] : 0.0f;
+    const float s = act_scale128(v, len);
     if (threadIdx.x < len)
-        out[(size_t)t * cols + c] = ex_fp8_rt(v, ex_pow2_scale(amax, 448.0f));
+        out[(size_t)t * cols + c] = ex_fp8_rt(v, s);
 }
 
 extern "C" int kern_act_quant_fp8(const float *x, int T, int cols, float *out, cudaStream_t st)
@@ -258,20 +266,13 @@ __global__ void act_quant_bf16_k(const float *x, int ldx, int cols, int perm, __
 {
     kern__pdl_wait();
     kern__pdl_launch();
-    __shared__ float amax_w[4];
     const int t = blockIdx.y, b0 = blockIdx.x * 128, c = b0 + threadIdx.x;
     const int len = cols - b0 < 128 ? cols - b0 : 128;
-    float v = c < cols ? x[(size_t)t * ldx + c] : 0.0f;
-    float a = threadIdx.x < len ? fabsf(v) : 0.0f;
-    for (int o = 16; o > 0; o >>= 1)
-        a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
-    if ((threadIdx.x & 31) == 0)
-        amax_w[threadIdx.x >> 5] = a;
-    __syncthreads();
-    float amax = fmaxf(fmaxf(fmaxf(1e-4f, amax_w[0]), amax_w[1]), fmaxf(amax_w[2], amax_w[3]));
+    const float v = c < cols ? x[(size_t)t * ldx + c] : 0.0f;
+    const float s = act_scale128(v, len);
     if (threadIdx.x < len)
         xb[(size_t)t * cols + (perm ? (c & ~63) | perm64(c & 63) : c)] =
-            __float2bfloat16_rn(ex_fp8_rt(v, ex_pow2_scale(amax, 448.0f)));
+            __float2bfloat16_rn(ex_fp8_rt(v, s));
 }
 
 extern "C" int kern_act_quant_bf16(const float *x, int ldx, int T, int cols, int perm, uint16_t *xb,
