@@ -35,6 +35,15 @@
 #define ATTF_HPW  2  /* heads per warp (each staged key value is loaded once for them) */
 #define ATTF_MAXS 32 /* key splits at most */
 
+/* Keys [*jb, *nk) of a row's nk_all: split z of S, chunk-aligned. */
+__device__ __forceinline__ void attf_split(int nk_all, int z, int S, int *jb, int *nk)
+{
+    const int nch = (nk_all + ATTF_KC - 1) / ATTF_KC,
+              end = (int)((long)nch * (z + 1) / S) * ATTF_KC;
+    *jb = (int)((long)nch * z / S) * ATTF_KC;
+    *nk = end < nk_all ? end : nk_all;
+}
+
 __global__ void __launch_bounds__(512)
     sink_attn_fast_k(struct kern_batch b, struct kern_cache c, struct kern_layer_cache l,
                      const float *q, const float *kv, const int32_t *sel, int topk,
@@ -48,13 +57,9 @@ __global__ void __launch_bounds__(512)
               lane = threadIdx.x & 31;
     const int h0 = (blockIdx.y * nw + warp) * ATTF_HPW, R = hd >> 5;
     const struct att_row a = att_row_of(b, l, t, W, topk);
-    const int nk_all = a.nwin + a.ncomp, S = gridDim.z, z = blockIdx.z;
-    /* this block's keys: chunk-aligned split z of S */
-    const int nch = (nk_all + ATTF_KC - 1) / ATTF_KC;
-    const int jb = (int)((long)nch * z / S) * ATTF_KC;
-    const int nk = (int)((long)nch * (z + 1) / S) * ATTF_KC < nk_all
-                       ? (int)((long)nch * (z + 1) / S) * ATTF_KC
-                       : nk_all;
+    const int S = gridDim.z, z = blockIdx.z;
+    int jb, nk; /* this block's keys */
+    attf_split(a.nwin + a.ncomp, z, S, &jb, &nk);
     const int32_t *sel_t = sel ? sel + (size_t)t * topk : NULL;
     const bool live = h0 < H;
     /* the warp's heads h0 + u (u < ATTF_HPW; heads past H compute on head h0, unused) */
@@ -201,7 +206,7 @@ static int attn_combine(const float *ws, int T, int H, int hd, int S, int rope_d
 
 /* ---- tensor cores ---- */
 
-#define ATC_HD  512 /* head size of the tensor-core kernel */
+#define ATC_HD  512          /* head size of the tensor-core kernel */
 #define ATC_LD  (ATC_HD + 8) /* BF16 row stride in shared memory (conflict-free ldmatrix) */
 #define ATC_SLD (ATTF_KC + 1)
 
@@ -270,8 +275,8 @@ __device__ __forceinline__ float4 atc_key_val(uint4 r, int f32, int i4, int nope
                            __uint_as_float(r.w));
     if (4 * i4 < nope) {
         const float sc = kvf_scale((uint8_t)r.y);
-        const float2 fa = __half22float2(__half2(
-            __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(r.x & 0xffffu), __NV_E4M3)));
+        const float2 fa = __half22float2(
+            __half2(__nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(r.x & 0xffffu), __NV_E4M3)));
         const float2 fb = __half22float2(
             __half2(__nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(r.x >> 16), __NV_E4M3)));
         return make_float4(fa.x * sc, fa.y * sc, fb.x * sc, fb.y * sc);
@@ -301,20 +306,17 @@ __global__ void __launch_bounds__(MT * 128, 1)
     constexpr int HD = ATC_HD, LD = ATC_LD, NQ = MT * 16, NTW = HD / 32;
     extern __shared__ __align__(16) unsigned char atc_sm[];
     __nv_bfloat16 *qh = (__nv_bfloat16 *)atc_sm, *ql = qh + NQ * LD; /* (NQ, LD) */
-    __nv_bfloat16 *kh = ql + NQ * LD, *kl = kh + ATTF_KC * LD;      /* (KC, LD) */
+    __nv_bfloat16 *kh = ql + NQ * LD, *kl = kh + ATTF_KC * LD;       /* (KC, LD) */
     float *ss = (float *)(kl + ATTF_KC * LD);                        /* (NQ, SLD) logits */
     const char **kp = (const char **)(ss + NQ * ATC_SLD); /* (2, KC) key addresses by parity */
-    int *kf32 = (int *)(kp + 2 * ATTF_KC);                 /* (2, KC) FP32 key (fresh or layer) */
+    int *kf32 = (int *)(kp + 2 * ATTF_KC);                /* (2, KC) FP32 key (fresh or layer) */
     const int t = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, c4 = lane & 3, mt = warp >> 2, qw = warp & 3;
     const int h0 = blockIdx.y * NQ;
     const struct att_row a = att_row_of(b, l, t, W, topk);
-    const int nk_all = a.nwin + a.ncomp, S = gridDim.z, z = blockIdx.z;
-    const int nch = (nk_all + ATTF_KC - 1) / ATTF_KC;
-    const int jb = (int)((long)nch * z / S) * ATTF_KC;
-    const int nk = (int)((long)nch * (z + 1) / S) * ATTF_KC < nk_all
-                       ? (int)((long)nch * (z + 1) / S) * ATTF_KC
-                       : nk_all;
+    const int S = gridDim.z, z = blockIdx.z;
+    int jb, nk; /* this block's keys */
+    attf_split(a.nwin + a.ncomp, z, S, &jb, &nk);
     const int32_t *sel_t = sel ? sel + (size_t)t * topk : NULL;
 
     /* the block's queries, split */
@@ -326,7 +328,8 @@ __global__ void __launch_bounds__(MT * 128, 1)
     }
     /* rows g, g+8 of this warp's 16 heads: running maximum and denominator (the sink in split 0) */
     const int hA = h0 + mt * 16 + g, hB = hA + 8;
-    float mA = z == 0 && hA < H ? sinks[hA] : -INFINITY, mB = z == 0 && hB < H ? sinks[hB] : -INFINITY;
+    float mA = z == 0 && hA < H ? sinks[hA] : -INFINITY,
+          mB = z == 0 && hB < H ? sinks[hB] : -INFINITY;
     float lA = z == 0 ? 1.0f : 0.0f, lB = lA;
     float acc[NTW][4];
 #pragma unroll
@@ -452,7 +455,8 @@ __global__ void __launch_bounds__(MT * 128, 1)
                 acc[n][2] *= fB;
                 acc[n][3] *= fB;
             }
-            /* k-step s: a0 = (g, 16s + 2c), a1 = (g+8, ..), a2 = (g, 16s + 8 + 2c), a3 = (g+8, ..) */
+            /* k-step s: a0 = (g, 16s + 2c), a1 = (g+8, ..), a2 = (g, 16s + 8 + 2c), a3 = (g+8, ..)
+             */
 #pragma unroll
             for (int s2 = 0; s2 < 2; s2++) {
                 atc_split2(vA[4 * s2], vA[4 * s2 + 1], ph[s2][0], pl[s2][0]);
@@ -506,8 +510,8 @@ __global__ void __launch_bounds__(MT * 128, 1)
     for (int i = lane; i < 16 * (rope_dim / 2); i += 32) {
         const int h = h0 + mt * 16 + i / (rope_dim / 2);
         if (h < H)
-            ex_rope_pair(o + ((size_t)t * H + h) * HD + HD - rope_dim, i % (rope_dim / 2),
-                         inv_freq, a.pos, 1);
+            ex_rope_pair(o + ((size_t)t * H + h) * HD + HD - rope_dim, i % (rope_dim / 2), inv_freq,
+                         a.pos, 1);
     }
 }
 
@@ -566,11 +570,11 @@ static int attention_tc_mt(const struct kern_batch *b, const struct kern_cache *
     static int smem_ok; /* 1 set, -1 refused */
     const size_t smem = atc_smem(MT);
     if (!smem_ok) {
-        smem_ok = cudaFuncSetAttribute(sink_attn_tc_k<MT>,
-                                       cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       (int)smem) == cudaSuccess
-                      ? 1
-                      : -1;
+        smem_ok =
+            cudaFuncSetAttribute(sink_attn_tc_k<MT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 (int)smem) == cudaSuccess
+                ? 1
+                : -1;
         if (smem_ok < 0)
             (void)cudaGetLastError(); /* not a launch failure of a later kernel */
     }
@@ -595,8 +599,7 @@ static int attention_tc_mt(const struct kern_batch *b, const struct kern_cache *
                      sinks, H, W, rope_dim, inv_freq, o, ws))
         return ERR_CUDA;
     EX_LAUNCH_CHECK();
-    return S > 1 ? attn_combine(ws, b->T, H, ATC_HD, S, rope_dim, inv_freq, b->row_pos, o, st)
-                 : 0;
+    return S > 1 ? attn_combine(ws, b->T, H, ATC_HD, S, rope_dim, inv_freq, b->row_pos, o, st) : 0;
 }
 
 static int attention_tc(const struct kern_batch *b, const struct kern_cache *c,
@@ -607,8 +610,8 @@ static int attention_tc(const struct kern_batch *b, const struct kern_cache *c,
 {
     /* 64 heads per block once the rows alone fill the multiprocessors, else 16 (more blocks) */
     if (H >= 64 && b->T >= attf_sms() / 3)
-        return attention_tc_mt<4>(b, c, l, q, kv, sel, topk, sinks, H, W, rope_dim, inv_freq, o,
-                                  ws, nk_max, st);
+        return attention_tc_mt<4>(b, c, l, q, kv, sel, topk, sinks, H, W, rope_dim, inv_freq, o, ws,
+                                  nk_max, st);
     return attention_tc_mt<1>(b, c, l, q, kv, sel, topk, sinks, H, W, rope_dim, inv_freq, o, ws,
                               nk_max, st);
 }

@@ -167,7 +167,8 @@ static double run_case(int H, int ratio, int fp8, int ndec, int nchunk, int use_
         fill_entry(blocks + i * ent, fp8);
     /* the exact kernel's twin: FP32 entries of the same values */
     const size_t ent32 = sizeof(float) * HD;
-    float *state32 = malloc(WIN * ent32 * (nseq + 1)), *blocks32 = malloc(per_blk * ent32 * (nbt + 1));
+    float *state32 = malloc(WIN * ent32 * (nseq + 1)),
+          *blocks32 = malloc(per_blk * ent32 * (nbt + 1));
     for (size_t i = 0; i < (size_t)WIN * (nseq + 1); i++)
         entry_f32(state + i * ent, fp8, state32 + i * HD);
     for (size_t i = 0; i < per_blk * (nbt + 1); i++)
@@ -192,7 +193,8 @@ static double run_case(int H, int ratio, int fp8, int ndec, int nchunk, int use_
     struct kern_layer_cache l32 = l;
     l32.ent = ent32;
     l32.fp8 = 0;
-    const size_t on = sizeof(float) * (size_t)T * H * HD, wsn = kern_attention_fast_ws_floats(H, HD);
+    const size_t on = sizeof(float) * (size_t)T * H * HD,
+                 wsn = kern_attention_fast_ws_floats(H, HD);
     float *d_o = NULL, *d_ws = NULL;
     if (!(b.row_seq = dput(&d, row_seq, sizeof(int32_t) * T)) ||
         !(b.row_pos = dput(&d, row_pos, sizeof(int32_t) * T)) ||
@@ -270,8 +272,8 @@ int main(void)
                     const int ndec = step == 0 ? 3 : (step == 1 ? 24 : 200);
                     const int nchunk = step == 0 ? 37 : 0, use_ws = step != 1;
                     int nonfinite = 0;
-                    const double e = run_case(heads[hi], ratios[ri], fp8, ndec, nchunk, use_ws,
-                                              &nonfinite);
+                    const double e =
+                        run_case(heads[hi], ratios[ri], fp8, ndec, nchunk, use_ws, &nonfinite);
                     char msg[200];
                     snprintf(msg, sizeof msg,
                              "H %d ratio %d %s, %d decode rows + %d-row chunk%s: worst rel err "
