@@ -341,7 +341,9 @@ int kern_sink_attention(const struct kern_batch *b, const struct kern_cache *c,
                         int rope_dim, const float *inv_freq, float *o, struct CUstream_st *stream);
 /* The same on the fast path (attention_fast.cu): heads share each staged key, online softmax,
  * short steps split the keys over blocks (ws: kern_attention_fast_ws_floats(H, hd) floats, or
- * NULL: no split); FP32 summation order differs. hd % 128 == 0, hd <= 512. */
+ * NULL: no split); FP32 summation order differs, and at hd 512 the products run on the tensor
+ * cores as BF16 hi + lo splits (~16 significant bits each; DSV4_CUDA_ATTN=simt: CUDA cores).
+ * hd % 128 == 0, hd <= 512. */
 size_t kern_attention_fast_ws_floats(int H, int hd);
 int kern_sink_attention_fast(const struct kern_batch *b, const struct kern_cache *c,
                              const struct kern_layer_cache *l, const float *q, const float *kv,
