@@ -13,6 +13,18 @@
 
 /* ---- logits ---- */
 
+/* xb rows t0 .. t0 + nt = x's in BF16 (the experts' input for small T), by the whole block. */
+__device__ __forceinline__ void x_to_bf16(const float *__restrict__ x, int t0, int nt, int d,
+                                          __nv_bfloat16 *__restrict__ xb)
+{
+    for (int i = threadIdx.x; i < nt * d / 4; i += blockDim.x) {
+        const float4 v = __ldg((const float4 *)(x + (size_t)t0 * d) + i);
+        __nv_bfloat162 *o = (__nv_bfloat162 *)(xb + (size_t)t0 * d) + 2 * i;
+        o[0] = __floats2bfloat162_rn(v.x, v.y);
+        o[1] = __floats2bfloat162_rn(v.z, v.w);
+    }
+}
+
 /*
  * Small T: two warps per expert (each over half of d, all of a lane's weight loads issued
  * before the first use), 4 experts and 8 tokens per block; W read once per 8 tokens.
@@ -26,15 +38,8 @@ __global__ void __launch_bounds__(256)
     kern__pdl_wait();
     kern__pdl_launch();
     __shared__ float part[4][8];
-    if (xb && blockIdx.x == 0) { /* the BF16 copy of this block's 8 rows for the experts */
-        const int t0b = blockIdx.y * 8, nt = min(8, T - t0b);
-        for (int i = threadIdx.x; i < nt * d / 4; i += blockDim.x) {
-            float4 v = __ldg((const float4 *)(x + (size_t)t0b * d) + i);
-            __nv_bfloat162 *o = (__nv_bfloat162 *)(xb + (size_t)t0b * d) + 2 * i;
-            o[0] = __floats2bfloat162_rn(v.x, v.y);
-            o[1] = __floats2bfloat162_rn(v.z, v.w);
-        }
-    }
+    if (xb && blockIdx.x == 0) /* the BF16 copy of this block's 8 rows for the experts */
+        x_to_bf16(x, blockIdx.y * 8, min(8, T - (int)blockIdx.y * 8), d, xb);
     const int wi = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int el = wi >> 1, half = wi & 1, e = blockIdx.x * 4 + el;
     const int t0 = blockIdx.y * 8;
@@ -130,15 +135,8 @@ __global__ void __launch_bounds__(256)
     __shared__ float red[7][NTT][4][32];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     const int e0 = blockIdx.x * 16, t0 = blockIdx.y * 8 * NTT;
-    if (xb && blockIdx.x == 0) { /* the BF16 copy of this block's rows for the experts */
-        const int nt = min(8 * NTT, T - t0);
-        for (int i = threadIdx.x; i < nt * d / 4; i += blockDim.x) {
-            float4 v = __ldg((const float4 *)(x + (size_t)t0 * d) + i);
-            __nv_bfloat162 *o = (__nv_bfloat162 *)(xb + (size_t)t0 * d) + 2 * i;
-            o[0] = __floats2bfloat162_rn(v.x, v.y);
-            o[1] = __floats2bfloat162_rn(v.z, v.w);
-        }
-    }
+    if (xb && blockIdx.x == 0) /* the BF16 copy of this block's rows for the experts */
+        x_to_bf16(x, t0, min(8 * NTT, T - t0), d, xb);
     const int kper = d / 8, kb = warp * kper;
     const uint16_t *wa = W + (size_t)(e0 + g) * d + kb + 4 * c, *wb = wa + (size_t)8 * d;
     const float *xr[NTT];
