@@ -996,13 +996,13 @@ static int attention_sublayer(struct cuda_impl *ci, int li, const struct kern_ba
     prof_mark(ci, PR_PROJ16);
     TRY(lin(ci, &L->wq_a, s->x, T, ACT_QUANT, s->xq, s->qlat));
     TRY(lin(ci, &L->wkv, s->x, T, ACT_QUANT, s->xq, s->kv));
-    TRY(kern_rmsnorm(s->qlat, L->q_norm, T, ql, eps, s->qlat, st));
+    TRY(kern_rmsnorm(s->qlat, L->q_norm, T, ql, eps, !ci->exact, s->qlat, st));
     TRY(lin(ci, &L->wq_b, s->qlat, T, ACT_QUANT, s->qlat_q, s->q));
     if (csa)
         TRY(lin(ci, &L->idx_wq_b, s->qlat, T, ACT_QUANT, s->qlat_q, s->qi));
     prof_mark(ci, PR_PROJ);
-    TRY(kern_q_heads(s->q, b, H, hd, r, inv, eps, st));
-    TRY(kern_kv_prep(s->kv, b, hd, L->kv_norm, r, inv, eps, ci->quant, st));
+    TRY(kern_q_heads(s->q, b, H, hd, r, inv, eps, !ci->exact, st));
+    TRY(kern_kv_prep(s->kv, b, hd, L->kv_norm, r, inv, eps, ci->quant, !ci->exact, st));
     if (csa)
         TRY(kern_iq_prep(s->qi, s->wi, b, Hi, Di, r, inv, ci->quant, st));
     prof_mark(ci, PR_PREP);

@@ -129,9 +129,10 @@ size_t kern_moe_workspace_bytes(const struct kern_moe_layer *L, int T_max);
 /*
  * Router: logits = x . gate_w^T in FP32, s = sqrt(softplus(logits)); hash layers take the K
  * ids from tid2eid[tokens[t]] (token id < 0 or >= vocab: a padding row, ids -1), dense layers
- * the top-K of s + bias (ties to the lower id; tokens may be NULL, else id < 0 is padding); w = s[id] / sum s[ids] * route_scale, applied
- * exactly once. x (T, d) FP32 (device); tokens (T) (device; hash layers only, else NULL);
- * idx (T, K) int32, w (T, K) FP32 (device, written). ws: the workspace.
+ * the top-K of s + bias (ties to the lower id; tokens may be NULL, else id < 0 is padding); w =
+ * s[id] / sum s[ids] * route_scale, applied exactly once. x (T, d) FP32 (device); tokens (T)
+ * (device; hash layers only, else NULL); idx (T, K) int32, w (T, K) FP32 (device, written). ws: the
+ * workspace.
  */
 int kern_moe_route(const struct kern_moe_layer *L, const float *x, const int32_t *tokens, int T,
                    int32_t *idx, float *w, void *ws, size_t ws_bytes, struct CUstream_st *stream);
@@ -283,8 +284,10 @@ int kern_hc_post(const float *f, const float *R, const float *post, const float 
 int kern_hc_head(const float *X, const int32_t *rows, int nsel, int n_hc, int d, const float *fn,
                  const float *base, const float *scale, float hc_eps, float norm_eps,
                  const float *norm_w, float *y, struct CUstream_st *stream);
-/* out (T, n) = RMSNorm(w)(x (T, n)); w may be NULL; out may alias x. */
-int kern_rmsnorm(const float *x, const float *w, int T, int n, float eps, float *out,
+/* out (T, n) = RMSNorm(w)(x (T, n)); w may be NULL; out may alias x. fast = 0: the CPU's
+ * arithmetic (sequential sum of squares); 1: the sum over a fixed block tree (the fast path:
+ * FP32 rounding apart, batch-invariant). Likewise for kern_q_heads and kern_kv_prep. */
+int kern_rmsnorm(const float *x, const float *w, int T, int n, float eps, int fast, float *out,
                  struct CUstream_st *stream);
 /* out (T, cols) = FP8 round trip of x per 128 columns (cpu_act_quant_fp8); out may alias x. */
 int kern_act_quant_fp8(const float *x, int T, int cols, float *out, struct CUstream_st *stream);
@@ -294,10 +297,10 @@ int kern_act_quant_bf16(const float *x, int ldx, int T, int cols, int perm, uint
                         struct CUstream_st *stream);
 /* q (T, H, hd) in place: weightless RMSNorm per head, RoPE of the trailing rope_dim dims. */
 int kern_q_heads(float *q, const struct kern_batch *b, int H, int hd, int rope_dim,
-                 const float *inv_freq, float eps, struct CUstream_st *stream);
+                 const float *inv_freq, float eps, int fast, struct CUstream_st *stream);
 /* kv (T, hd) in place: RMSNorm(w), RoPE, and (quant) the FP8 round trip of the nope dims. */
 int kern_kv_prep(float *kv, const struct kern_batch *b, int hd, const float *w, int rope_dim,
-                 const float *inv_freq, float eps, int quant, struct CUstream_st *stream);
+                 const float *inv_freq, float eps, int quant, int fast, struct CUstream_st *stream);
 /* Indexer queries qi (T, Hi, Di) in place: RoPE, and (quant) Hadamard + FP4 round trip;
  * wi (T, Hi) *= 1/sqrt(Hi). */
 int kern_iq_prep(float *qi, float *wi, const struct kern_batch *b, int Hi, int Di, int rope_dim,
@@ -347,8 +350,8 @@ int kern_sink_attention(const struct kern_batch *b, const struct kern_cache *c,
 size_t kern_attention_fast_ws_floats(int H, int hd);
 int kern_sink_attention_fast(const struct kern_batch *b, const struct kern_cache *c,
                              const struct kern_layer_cache *l, const float *q, const float *kv,
-                             const int32_t *sel, int topk, const float *sinks, int H, int hd,
-                             int W, int rope_dim, const float *inv_freq, float *o, float *ws,
+                             const int32_t *sel, int topk, const float *sinks, int H, int hd, int W,
+                             int rope_dim, const float *inv_freq, float *o, float *ws,
                              struct CUstream_st *stream);
 /* Write the last min(n, W) latents of each chunk into its slot's window ring. */
 int kern_window_write(const struct kern_batch *b, const struct kern_cache *c,

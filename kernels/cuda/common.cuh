@@ -115,6 +115,23 @@ static int kern__launch(void (*kern)(P...), dim3 grid, dim3 block, size_t smem, 
     return e == cudaSuccess ? 0 : ERR_CUDA;
 }
 
+/* Sum of v over the block in a fixed tree (warp xor-shuffles, then the warp sums): every thread
+ * gets it, the same for any batch; sm: 32 floats. */
+__device__ __forceinline__ float kern__block_sum(float v, float *sm)
+{
+    for (int o = 16; o; o >>= 1)
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    __syncthreads(); /* sm may still be read by a previous call */
+    if (lane == 0)
+        sm[w] = v;
+    __syncthreads();
+    v = lane < nw ? sm[lane] : 0.0f;
+    for (int o = 16; o; o >>= 1)
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
 /* Position of element i (of a row) in the permuted activation layout of the wgmma path
  * (kern_act_bf16 with perm; kernels/cuda/moe_nvfp4.cu) */
 __device__ __forceinline__ int perm64(int i)

@@ -18,22 +18,6 @@
 #define HCF_ROWS        8  /* rows per block of the projection */
 #define HCF_MIXMAX      ((2 + HCF_MAX) * HCF_MAX)
 
-/* Sum of v over the block (every thread gets it); sm: 32 floats. */
-__device__ __forceinline__ float hcf_block_sum(float v, float *sm)
-{
-    for (int o = 16; o; o >>= 1)
-        v += __shfl_xor_sync(0xffffffffu, v, o);
-    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
-    __syncthreads(); /* sm may still be read by a previous call */
-    if (lane == 0)
-        sm[w] = v;
-    __syncthreads();
-    v = lane < nw ? sm[lane] : 0.0f;
-    for (int o = 16; o; o >>= 1)
-        v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
 /*
  * part (T, HCF_SLICES, nmix): per slice s of the len columns, the dots of the rows of X with the
  * rows of fn. grid (HCF_SLICES, ceil(T / HCF_ROWS)): a block takes HCF_ROWS rows; warp w the mix
@@ -110,7 +94,7 @@ __global__ void hcf_finish_k(const float *__restrict__ X, int n, int d,
         const float4 v = ((const float4 *)Xt)[k];
         ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
     }
-    const float red = 1.0f / sqrtf(hcf_block_sum(ss, sm) / (float)len + norm_eps);
+    const float red = 1.0f / sqrtf(kern__block_sum(ss, sm) / (float)len + norm_eps);
     { /* warp w: mixes w, w + 8, ...; lane s loads slice s (all loads in flight at once), the
        * slices are added in order through shuffles */
         const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
@@ -148,7 +132,7 @@ __global__ void hcf_finish_k(const float *__restrict__ X, int n, int d,
         u4[c] = acc;
         us += acc.x * acc.x + acc.y * acc.y + acc.z * acc.z + acc.w * acc.w;
     }
-    const float r = 1.0f / sqrtf(hcf_block_sum(us, sm) / (float)d + norm_eps);
+    const float r = 1.0f / sqrtf(kern__block_sum(us, sm) / (float)d + norm_eps);
     for (int c = threadIdx.x; c < d / 4; c += blockDim.x) {
         const float4 v = u4[c];
         float4 o = make_float4(v.x * r, v.y * r, v.z * r, v.w * r);
