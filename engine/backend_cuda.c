@@ -1001,10 +1001,8 @@ static int attention_sublayer(struct cuda_impl *ci, int li, const struct kern_ba
     if (csa)
         TRY(lin(ci, &L->idx_wq_b, s->qlat, T, ACT_QUANT, s->qlat_q, s->qi));
     prof_mark(ci, PR_PROJ);
-    TRY(kern_q_heads(s->q, b, H, hd, r, inv, eps, !ci->exact, st));
-    TRY(kern_kv_prep(s->kv, b, hd, L->kv_norm, r, inv, eps, ci->quant, !ci->exact, st));
-    if (csa)
-        TRY(kern_iq_prep(s->qi, s->wi, b, Hi, Di, r, inv, ci->quant, st));
+    TRY(kern_attn_prep(s->q, s->kv, s->qi, s->wi, b, H, hd, L->kv_norm, csa ? Hi : 0, Di, r, inv,
+                       eps, ci->quant, !ci->exact, st));
     prof_mark(ci, PR_PREP);
     /* compressors (entries land in the blocks), then the indexer's selection */
     if (sp->ratio)

@@ -286,7 +286,7 @@ int kern_hc_head(const float *X, const int32_t *rows, int nsel, int n_hc, int d,
                  const float *norm_w, float *y, struct CUstream_st *stream);
 /* out (T, n) = RMSNorm(w)(x (T, n)); w may be NULL; out may alias x. fast = 0: the CPU's
  * arithmetic (sequential sum of squares); 1: the sum over a fixed block tree (the fast path:
- * FP32 rounding apart, batch-invariant). Likewise for kern_q_heads and kern_kv_prep. */
+ * FP32 rounding apart, batch-invariant). */
 int kern_rmsnorm(const float *x, const float *w, int T, int n, float eps, int fast, float *out,
                  struct CUstream_st *stream);
 /* out (T, cols) = FP8 round trip of x per 128 columns (cpu_act_quant_fp8); out may alias x. */
@@ -295,16 +295,13 @@ int kern_act_quant_fp8(const float *x, int T, int cols, float *out, struct CUstr
  * its permuted order); exact, as FP8 values are BF16 values. */
 int kern_act_quant_bf16(const float *x, int ldx, int T, int cols, int perm, uint16_t *xb,
                         struct CUstream_st *stream);
-/* q (T, H, hd) in place: weightless RMSNorm per head, RoPE of the trailing rope_dim dims. */
-int kern_q_heads(float *q, const struct kern_batch *b, int H, int hd, int rope_dim,
-                 const float *inv_freq, float eps, int fast, struct CUstream_st *stream);
-/* kv (T, hd) in place: RMSNorm(w), RoPE, and (quant) the FP8 round trip of the nope dims. */
-int kern_kv_prep(float *kv, const struct kern_batch *b, int hd, const float *w, int rope_dim,
-                 const float *inv_freq, float eps, int quant, int fast, struct CUstream_st *stream);
-/* Indexer queries qi (T, Hi, Di) in place: RoPE, and (quant) Hadamard + FP4 round trip;
- * wi (T, Hi) *= 1/sqrt(Hi). */
-int kern_iq_prep(float *qi, float *wi, const struct kern_batch *b, int Hi, int Di, int rope_dim,
-                 const float *inv_freq, int quant, struct CUstream_st *stream);
+/* One launch, in place: q (T, H, hd) weightless RMSNorm per head and RoPE of the trailing
+ * rope_dim dims; kv (T, hd) RMSNorm(kv_w), RoPE and (quant) the FP8 round trip of the nope dims;
+ * when Hi > 0 the indexer queries qi (T, Hi, Di): RoPE and (quant) Hadamard + FP4 round trip,
+ * and wi (T, Hi) *= 1/sqrt(Hi). fast as for kern_rmsnorm. */
+int kern_attn_prep(float *q, float *kv, float *qi, float *wi, const struct kern_batch *b, int H,
+                   int hd, const float *kv_w, int Hi, int Di, int rope_dim, const float *inv_freq,
+                   float eps, int quant, int fast, struct CUstream_st *stream);
 /* h (P, I) = w[p] * silu(min(g, limit)) * clamp(u, +-limit) (w NULL: 1), then (quant) the FP8
  * round trip per 128 columns. h may alias g. */
 int kern_swiglu(const float *g, const float *u, int P, int I, float limit, const float *w,

@@ -68,22 +68,27 @@ comp_seq_of(const struct kern_batch &b, const struct kern_cache &c,
     return q;
 }
 
-/* grid (entries, nseq): entry p0/ratio + blockIdx.x of sequence blockIdx.y, if this chunk
- * completes it */
-__global__ void compress_entries_k(struct kern_batch b, struct kern_cache c,
-                                   struct kern_layer_cache l, const float *a, const float *z,
-                                   const float *ape, const float *norm, int D, int overlap,
-                                   int indexer, int rope_dim, const float *inv_freq, float eps,
-                                   int quant)
+/* The arguments of both compressor kernels. */
+struct comp_args {
+    const float *a, *z, *ape, *norm, *inv_freq;
+    int D, overlap, indexer, rope_dim, quant;
+    float eps;
+};
+
+/* Entry p0/ratio + k of sequence s, if this chunk completes it (block-uniform); e: D floats of
+ * shared memory. */
+__device__ void comp_entry(const struct kern_batch &b, const struct kern_cache &c,
+                           const struct kern_layer_cache &l, const struct comp_args &ca, int s,
+                           int k, float *e)
 {
-    kern__pdl_wait();
-    kern__pdl_launch();
-    extern __shared__ __align__(16) float e[]; /* (D) the pooled entry */
     __shared__ float red, scales[128];
-    const int s = blockIdx.y;
-    const struct comp_seq q = comp_seq_of(b, c, l, s, a, z, ape, D, overlap, indexer);
+    const int D = ca.D, overlap = ca.overlap, indexer = ca.indexer, rope_dim = ca.rope_dim;
+    const float *norm = ca.norm, *inv_freq = ca.inv_freq;
+    const float eps = ca.eps;
+    const int quant = ca.quant;
+    const struct comp_seq q = comp_seq_of(b, c, l, s, ca.a, ca.z, ca.ape, D, overlap, indexer);
     const int ratio = q.ratio, nrows = (overlap ? 2 : 1) * ratio;
-    const long idx = q.p0 / ratio + blockIdx.x;
+    const long idx = q.p0 / ratio + k;
     if ((idx + 1) * ratio > q.p0 + q.n)
         return; /* not completed in this chunk */
     /* candidate row r: the group before (overlap, r < ratio, first half of the columns) or the
@@ -126,19 +131,17 @@ __global__ void compress_entries_k(struct kern_batch b, struct kern_cache c,
             kvf_put_entry(e, D, rope_dim, (uint8_t *)dst);
         return;
     }
-    for (int k = threadIdx.x; k < D; k += blockDim.x)
-        ((float *)dst)[k] = e[k];
+    for (int j = threadIdx.x; j < D; j += blockDim.x)
+        ((float *)dst)[j] = e[j];
 }
 
-/* The state after the chunk, one sequence per block, one column per thread. */
-__global__ void compress_state_k(struct kern_batch b, struct kern_cache c,
-                                 struct kern_layer_cache l, const float *a, const float *z,
-                                 const float *ape, int D, int overlap, int indexer)
+/* The state of sequence s after the chunk, one column per thread. */
+__device__ void comp_state(const struct kern_batch &b, const struct kern_cache &c,
+                           const struct kern_layer_cache &l, const struct comp_args &ca, int s)
 {
-    kern__pdl_wait();
-    kern__pdl_launch();
-    const int s = blockIdx.x;
-    const struct comp_seq q = comp_seq_of(b, c, l, s, a, z, ape, D, overlap, indexer);
+    const int overlap = ca.overlap;
+    const struct comp_seq q =
+        comp_seq_of(b, c, l, s, ca.a, ca.z, ca.ape, ca.D, overlap, ca.indexer);
     const int ratio = q.ratio;
     const long last = q.p0 + q.n - 1, gn = (last + 1) / ratio; /* the group now incomplete */
     float *kvs = (float *)q.kvs, *scs = (float *)q.scs;
@@ -161,6 +164,42 @@ __global__ void compress_state_k(struct kern_batch b, struct kern_cache c,
     }
 }
 
+/* grid (entries, nseq): entry blockIdx.x of sequence blockIdx.y */
+__global__ void compress_entries_k(struct kern_batch b, struct kern_cache c,
+                                   struct kern_layer_cache l, const struct comp_args ca)
+{
+    kern__pdl_wait();
+    kern__pdl_launch();
+    extern __shared__ __align__(16) float e[]; /* (D) the pooled entry */
+    comp_entry(b, c, l, ca, blockIdx.y, blockIdx.x, e);
+}
+
+/* grid (nseq): the state the chunk leaves, after every entry has read the old one */
+__global__ void compress_state_k(struct kern_batch b, struct kern_cache c,
+                                 struct kern_layer_cache l, const struct comp_args ca)
+{
+    kern__pdl_wait();
+    kern__pdl_launch();
+    comp_state(b, c, l, ca, blockIdx.x);
+}
+
+/* grid (nseq), steps of at most `ne` entries per sequence (decode): one block per sequence
+ * computes its entries and then writes its state (the entries read only their own slot's
+ * state), one launch instead of two. */
+__global__ void compress_seq_k(struct kern_batch b, struct kern_cache c, struct kern_layer_cache l,
+                               const struct comp_args ca, int ne)
+{
+    kern__pdl_wait();
+    kern__pdl_launch();
+    extern __shared__ __align__(16) float e[]; /* (D) */
+    for (int k = 0; k < ne; k++) {
+        __syncthreads(); /* the previous entry's reads of e are done */
+        comp_entry(b, c, l, ca, blockIdx.x, k, e);
+    }
+    __syncthreads(); /* every read of the old state is done */
+    comp_state(b, c, l, ca, blockIdx.x);
+}
+
 extern "C" int kern_compress(const struct kern_batch *b, const struct kern_cache *c,
                              const struct kern_layer_cache *l, const float *a, const float *z,
                              const float *ape, const float *norm, int D, int overlap, int indexer,
@@ -172,13 +211,22 @@ extern "C" int kern_compress(const struct kern_batch *b, const struct kern_cache
     if (b->nseq <= 0)
         return 0;
     const int max_n = b->max_n > 0 ? b->max_n : b->T;
-    dim3 grid((unsigned)((max_n + l->ratio - 1) / l->ratio + 1), (unsigned)b->nseq);
-    if (kern__launch(compress_entries_k, grid, COMP_THREADS, sizeof(float) * (size_t)D, st, 1, *b,
-                     *c, *l, a, z, ape, norm, D, overlap, indexer, rope_dim, inv_freq, eps, quant))
+    const unsigned ne = (unsigned)((max_n + l->ratio - 1) / l->ratio + 1); /* entries per seq */
+    const struct comp_args ca = {a,       z,       ape,      norm,  inv_freq, D,
+                                 overlap, indexer, rope_dim, quant, eps};
+    const size_t smem = sizeof(float) * (size_t)D;
+    if (ne <= 2) { /* decode-sized steps */
+        if (kern__launch(compress_seq_k, b->nseq, COMP_THREADS, smem, st, 1, *b, *c, *l, ca,
+                         (int)ne))
+            return ERR_CUDA;
+        EX_LAUNCH_CHECK();
+        return 0;
+    }
+    if (kern__launch(compress_entries_k, dim3(ne, (unsigned)b->nseq), COMP_THREADS, smem, st, 1, *b,
+                     *c, *l, ca))
         return ERR_CUDA;
     EX_LAUNCH_CHECK();
-    if (kern__launch(compress_state_k, b->nseq, COMP_THREADS, 0, st, 1, *b, *c, *l, a, z, ape, D,
-                     overlap, indexer))
+    if (kern__launch(compress_state_k, b->nseq, COMP_THREADS, 0, st, 1, *b, *c, *l, ca))
         return ERR_CUDA;
     EX_LAUNCH_CHECK();
     return 0;

@@ -313,15 +313,11 @@ extern "C" int kern_act_quant_bf16(const float *x, int ldx, int T, int cols, int
 
 /* ---- queries and latents ---- */
 
-/* one block per (row, head): weightless RMSNorm over hd, RoPE of the trailing dims */
-__global__ void q_heads_k(float *q, const int32_t *row_pos, int H, int hd, int rope_dim,
-                          const float *inv_freq, float eps, int fast)
+/* q head (t, h): weightless RMSNorm over hd, RoPE of the trailing dims (v: hd floats) */
+__device__ __forceinline__ void q_head(float *q, const int32_t *row_pos, int t, int h, int H,
+                                       int hd, int rope_dim, const float *inv_freq, float eps,
+                                       int fast, float *v, float *red)
 {
-    kern__pdl_wait();
-    kern__pdl_launch();
-    __shared__ float red[32];
-    extern __shared__ __align__(16) float v[]; /* (hd) */
-    const int t = blockIdx.x / H, h = blockIdx.x % H;
     float *qh = q + ((size_t)t * H + h) * hd;
     for (int i = threadIdx.x; i < hd; i += blockDim.x)
         v[i] = qh[i];
@@ -331,26 +327,12 @@ __global__ void q_heads_k(float *q, const int32_t *row_pos, int H, int hd, int r
         qh[i] = v[i];
 }
 
-extern "C" int kern_q_heads(float *q, const struct kern_batch *b, int H, int hd, int rope_dim,
-                            const float *inv_freq, float eps, int fast, cudaStream_t st)
+/* KV latent of row t: RMSNorm(w), RoPE, (quant) the FP8 round trip of the nope dims */
+__device__ __forceinline__ void kv_row(float *kv, const int32_t *row_pos, int t, int hd,
+                                       const float *w, int rope_dim, const float *inv_freq,
+                                       float eps, int quant, int fast, float *v, float *red,
+                                       float *scales)
 {
-    if (b->T <= 0)
-        return 0;
-    if (kern__launch(q_heads_k, b->T * H, 128, sizeof(float) * (size_t)hd, st, 1, q, b->row_pos, H,
-                     hd, rope_dim, inv_freq, eps, fast))
-        return ERR_CUDA;
-    EX_LAUNCH_CHECK();
-    return 0;
-}
-
-__global__ void kv_prep_k(float *kv, const int32_t *row_pos, int hd, const float *w, int rope_dim,
-                          const float *inv_freq, float eps, int quant, int fast)
-{
-    kern__pdl_wait();
-    kern__pdl_launch();
-    __shared__ float red[32], scales[64];
-    extern __shared__ __align__(16) float v[]; /* (hd) */
-    const int t = blockIdx.x;
     float *kt = kv + (size_t)t * hd;
     for (int i = threadIdx.x; i < hd; i += blockDim.x)
         v[i] = kt[i];
@@ -362,30 +344,11 @@ __global__ void kv_prep_k(float *kv, const int32_t *row_pos, int hd, const float
         kt[i] = v[i];
 }
 
-extern "C" int kern_kv_prep(float *kv, const struct kern_batch *b, int hd, const float *w,
-                            int rope_dim, const float *inv_freq, float eps, int quant, int fast,
-                            cudaStream_t st)
+/* indexer query head (t, h): RoPE, (quant) Hadamard + FP4 round trip; its weight / sqrt(Hi) */
+__device__ __forceinline__ void iq_head(float *qi, float *wi, const int32_t *row_pos, int t, int h,
+                                        int Hi, int Di, int rope_dim, const float *inv_freq,
+                                        int quant, float *v, float *scales)
 {
-    if (hd > 64 * 64)
-        return ERR_UNSUPPORTED;
-    if (b->T <= 0)
-        return 0;
-    if (kern__launch(kv_prep_k, b->T, 128, sizeof(float) * (size_t)hd, st, 1, kv, b->row_pos, hd, w,
-                     rope_dim, inv_freq, eps, quant, fast))
-        return ERR_CUDA;
-    EX_LAUNCH_CHECK();
-    return 0;
-}
-
-/* one block per (row, indexer head) */
-__global__ void iq_prep_k(float *qi, float *wi, const int32_t *row_pos, int Hi, int Di,
-                          int rope_dim, const float *inv_freq, int quant)
-{
-    kern__pdl_wait();
-    kern__pdl_launch();
-    __shared__ float scales[128];
-    extern __shared__ __align__(16) float v[]; /* (Di) */
-    const int t = blockIdx.x / Hi, h = blockIdx.x % Hi;
     float *qh = qi + ((size_t)t * Hi + h) * Di;
     for (int i = threadIdx.x; i < Di; i += blockDim.x)
         v[i] = qh[i];
@@ -401,15 +364,55 @@ __global__ void iq_prep_k(float *qi, float *wi, const int32_t *row_pos, int Hi, 
         wi[(size_t)t * Hi + h] *= 1.0f / sqrtf((float)Hi);
 }
 
-extern "C" int kern_iq_prep(float *qi, float *wi, const struct kern_batch *b, int Hi, int Di,
-                            int rope_dim, const float *inv_freq, int quant, cudaStream_t st)
+struct attn_prep_args {
+    float *q, *kv, *qi, *wi;
+    const int32_t *row_pos;
+    const float *kv_w, *inv_freq;
+    int T, H, hd, Hi, Di, rope_dim, quant, fast;
+    float eps;
+};
+
+/* One launch for the three: blocks [0, T H) the q heads, [T H, T H + T) the KV rows, then the
+ * T Hi indexer heads. */
+__global__ void attn_prep_k(const struct attn_prep_args a)
 {
-    if (Di > 128 * 32 || (Di & (Di - 1)))
+    kern__pdl_wait();
+    kern__pdl_launch();
+    __shared__ float red[32], scales[128];
+    extern __shared__ __align__(16) float v[]; /* (max(hd, Di)) */
+    const long i = blockIdx.x, nq = (long)a.T * a.H;
+    if (i < nq)
+        q_head(a.q, a.row_pos, (int)(i / a.H), (int)(i % a.H), a.H, a.hd, a.rope_dim, a.inv_freq,
+               a.eps, a.fast, v, red);
+    else if (i < nq + a.T)
+        kv_row(a.kv, a.row_pos, (int)(i - nq), a.hd, a.kv_w, a.rope_dim, a.inv_freq, a.eps, a.quant,
+               a.fast, v, red, scales);
+    else {
+        const long j = i - nq - a.T;
+        iq_head(a.qi, a.wi, a.row_pos, (int)(j / a.Hi), (int)(j % a.Hi), a.Hi, a.Di, a.rope_dim,
+                a.inv_freq, a.quant, v, scales);
+    }
+}
+
+extern "C" int kern_attn_prep(float *q, float *kv, float *qi, float *wi, const struct kern_batch *b,
+                              int H, int hd, const float *kv_w, int Hi, int Di, int rope_dim,
+                              const float *inv_freq, float eps, int quant, int fast,
+                              cudaStream_t st)
+{
+    if (hd > 64 * 64 || (Hi && (Di > 128 * 32 || (Di & (Di - 1)))))
         return ERR_UNSUPPORTED;
     if (b->T <= 0)
         return 0;
-    if (kern__launch(iq_prep_k, b->T * Hi, 128, sizeof(float) * (size_t)Di, st, 1, qi, wi,
-                     b->row_pos, Hi, Di, rope_dim, inv_freq, quant))
+    struct attn_prep_args a;
+    a.q = q, a.kv = kv, a.qi = qi, a.wi = wi;
+    a.row_pos = b->row_pos, a.kv_w = kv_w, a.inv_freq = inv_freq;
+    a.T = b->T, a.H = H, a.hd = hd, a.Hi = Hi, a.Di = Hi ? Di : 0;
+    a.rope_dim = rope_dim, a.quant = quant, a.fast = fast, a.eps = eps;
+    const long blocks = (long)b->T * (H + 1 + Hi);
+    const int vmax = Hi && Di > hd ? Di : hd;
+    if (blocks > 0x7fffffffL)
+        return ERR_UNSUPPORTED;
+    if (kern__launch(attn_prep_k, (unsigned)blocks, 128, sizeof(float) * (size_t)vmax, st, 1, a))
         return ERR_CUDA;
     EX_LAUNCH_CHECK();
     return 0;
