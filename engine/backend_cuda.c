@@ -967,6 +967,30 @@ static int lin(struct cuda_impl *ci, const struct dev_lin *W, const float *x, in
     return lin_grouped(ci, W, x, W->q.cols, T, act, xq_buf, y, W->q.rows, 0, 0);
 }
 
+/*
+ * Y[i] (T, rows_i) = W[i] x (T, d) for linears of x as is (FP32 activations): on the fast path,
+ * BF16 weights and at most KERN_GEMV_MAX_T rows, all in one CUDA-core launch (gemv_bf16.cu);
+ * otherwise one lin() each.
+ */
+static int lin_shared_x(struct cuda_impl *ci, const struct dev_lin *const *W, float *const *Y,
+                        int n, const float *x, int T)
+{
+    struct kern_gemv_mat m[KERN_GEMV_MAX];
+    int fused = !ci->exact && T <= KERN_GEMV_MAX_T && n <= KERN_GEMV_MAX;
+    for (int i = 0; i < n && fused; i++) {
+        fused = W[i]->q.fmt == KERN_W_BF16 && !W[i]->p.data && W[i]->q.cols == W[0]->q.cols;
+        m[i] = (struct kern_gemv_mat){W[i]->q.w, W[i]->q.rows, Y[i], W[i]->q.rows};
+    }
+    if (fused && n > 0)
+        return kern_gemv_bf16(m, n, x, W[0]->q.cols, W[0]->q.cols, T, ci->stream);
+    for (int i = 0; i < n; i++) {
+        int rc = lin(ci, W[i], x, T, ACT_F32, NULL, Y[i]);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
 static int attention_sublayer(struct cuda_impl *ci, int li, const struct kern_batch *b)
 {
     const struct dsv4_config *c = &ci->m->cfg;
@@ -983,15 +1007,20 @@ static int attention_sublayer(struct cuda_impl *ci, int li, const struct kern_ba
     clear_xb(ci);
     TRY(hc_pre(ci, &L->hc_attn, L->attn_norm, T));
     prof_mark(ci, PR_HC);
-    /* compressor and indexer projections on x as is */
-    if (sp->ratio) {
-        TRY(lin(ci, &L->comp.wkv, s->x, T, ACT_F32, NULL, s->ca));
-        TRY(lin(ci, &L->comp.wgate, s->x, T, ACT_F32, NULL, s->cz));
-    }
-    if (csa) {
-        TRY(lin(ci, &L->icomp.wkv, s->x, T, ACT_F32, NULL, s->ia));
-        TRY(lin(ci, &L->icomp.wgate, s->x, T, ACT_F32, NULL, s->iz));
-        TRY(lin(ci, &L->idx_wproj, s->x, T, ACT_F32, NULL, s->wi));
+    { /* compressor and indexer projections on x as is */
+        const struct dev_lin *W[5];
+        float *Y[5];
+        int nw = 0;
+        if (sp->ratio) {
+            W[nw] = &L->comp.wkv, Y[nw++] = s->ca;
+            W[nw] = &L->comp.wgate, Y[nw++] = s->cz;
+        }
+        if (csa) {
+            W[nw] = &L->icomp.wkv, Y[nw++] = s->ia;
+            W[nw] = &L->icomp.wgate, Y[nw++] = s->iz;
+            W[nw] = &L->idx_wproj, Y[nw++] = s->wi;
+        }
+        TRY(lin_shared_x(ci, W, Y, nw, s->x, T));
     }
     prof_mark(ci, PR_PROJ16);
     TRY(lin(ci, &L->wq_a, s->x, T, ACT_QUANT, s->xq, s->qlat));
@@ -1007,10 +1036,12 @@ static int attention_sublayer(struct cuda_impl *ci, int li, const struct kern_ba
     /* compressors (entries land in the blocks), then the indexer's selection */
     if (sp->ratio)
         TRY(kern_compress(b, &ci->cache, &L->cache, s->ca, s->cz, L->comp.ape, L->comp.norm,
-                          L->comp.D, L->comp.overlap, 0, r, ci->inv_comp, eps, ci->quant, st));
+                          L->comp.D, L->comp.overlap, 0, r, ci->inv_comp, eps, ci->quant,
+                          !ci->exact, st));
     if (csa) {
         TRY(kern_compress(b, &ci->cache, &L->cache, s->ia, s->iz, L->icomp.ape, L->icomp.norm,
-                          L->icomp.D, L->icomp.overlap, 1, r, ci->inv_comp, eps, ci->quant, st));
+                          L->icomp.D, L->icomp.overlap, 1, r, ci->inv_comp, eps, ci->quant,
+                          !ci->exact, st));
         prof_mark(ci, PR_COMP);
         TRY((ci->exact ? kern_indexer_topk
                        : kern_indexer_topk_fast)(b, &ci->cache, &L->cache, s->qi, s->wi, Hi, Di,

@@ -188,6 +188,9 @@ const char *kern_last_error(void);                  /* the last CUDA error strin
  * (diagnosis: every launch between two events, no PDL; run without CUDA graphs); label NULL
  * drops them. */
 void kern_trace_report(const char *label);
+/* Opens (on != 0) or closes the range a profiler started with --profile-from-start off records
+ * (cudaProfilerStart/Stop); no effect without a profiler. */
+void kern_profile_range(int on);
 
 /* ==== the DSV4 forward pass on the GPU (issue 8; engine/backend_cuda.c) ====
  *
@@ -360,12 +363,13 @@ int kern_window_write(const struct kern_batch *b, const struct kern_cache *c,
  * Feed each sequence's rows, in position order, through a compressor (main: indexer == 0, D = hd;
  * indexer: D = Di) and write every completed entry (RMSNorm(norm), RoPE at entry*ratio, and with
  * quant the FP8 round trip of the nope dims, or Hadamard + FP4 for indexer keys) into the
- * sequence's blocks. a, z (T, coff*D) projections (z without ape); ape (ratio, coff*D).
+ * sequence's blocks. a, z (T, coff*D) projections (z without ape); ape (ratio, coff*D). fast: the
+ * RMSNorm's sum of squares over a block tree (as kern_rmsnorm's), not the CPU's order.
  */
 int kern_compress(const struct kern_batch *b, const struct kern_cache *c,
                   const struct kern_layer_cache *l, const float *a, const float *z,
                   const float *ape, const float *norm, int D, int overlap, int indexer,
-                  int rope_dim, const float *inv_freq, float eps, int quant,
+                  int rope_dim, const float *inv_freq, float eps, int quant, int fast,
                   struct CUstream_st *stream);
 /* Reset one slot's compressor states of one layer (kv 0, scores -inf). */
 int kern_compressor_reset(const struct kern_cache *c, const struct kern_layer_cache *l, int slot,
@@ -410,6 +414,20 @@ int kern_act_bf16(const float *x, int ldx, int T, int C, int split, int perm, ui
                   struct CUstream_st *stream);
 /* y[t*ldy + j] = a[t*n + j] + a[(T+t)*n + j] for t < T, j < n (the hi + lo halves). */
 int kern_add_split(const float *a, int T, int n, float *y, int ldy, struct CUstream_st *stream);
+/* -- gemv_bf16.cu: BF16-weight linears of at most KERN_GEMV_MAX_T rows on the CUDA cores -- */
+#define KERN_GEMV_MAX   6  /* matrices per launch */
+#define KERN_GEMV_MAX_T 16 /* rows of x */
+struct kern_gemv_mat {
+    const uint16_t *w; /* (rows, cols) BF16, 16-byte aligned */
+    int rows;
+    float *y; /* (T, ldy), ldy >= rows */
+    int ldy;
+};
+/* For each of the n matrices: y[t*ldy + r] = sum_c w[r][c] x[t*ldx + c] (t < T, r < rows), x
+ * FP32 (T, cols) with row stride ldx (a multiple of 4, 16-byte aligned), cols % 8 == 0; FP32
+ * FMAs in an order that depends only on (r, c). ERR_UNSUPPORTED outside these limits. */
+int kern_gemv_bf16(const struct kern_gemv_mat *m, int n, const float *x, int ldx, int cols, int T,
+                   struct CUstream_st *stream);
 /* -- mhc_fast.cu: kern_hc_pre / kern_hc_head of the fast path: the projection as a
  * deterministic split-K over many blocks, block-wide reductions (FP32 rounding differs from
  * the exact kernels, not between row counts). ws: kern_hc_fast_ws_floats(T, n_hc) floats;

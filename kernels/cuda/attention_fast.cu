@@ -319,12 +319,27 @@ __global__ void __launch_bounds__(MT * 128, 1)
     attf_split(a.nwin + a.ncomp, z, S, &jb, &nk);
     const int32_t *sel_t = sel ? sel + (size_t)t * topk : NULL;
 
-    /* the block's queries, split */
-    for (int i = threadIdx.x; i < NQ * HD / 4; i += blockDim.x) {
-        const int r = i / (HD / 4), i4 = i % (HD / 4), h = h0 + r;
-        const float4 v = h < H ? ((const float4 *)(q + ((size_t)t * H + h) * HD))[i4]
-                               : make_float4(0.f, 0.f, 0.f, 0.f);
-        atc_put4(qh, ql, (size_t)r * LD + 4 * i4, v);
+    /* the block's queries, split: 16 float4 per thread, loaded 8 at a time before any is used
+     * (one at a time, their latencies added up: 18.0 -> 16.2 us per call at one row, 49.6 ->
+     * 47.0 at 64, H200, ncu) */
+    {
+        constexpr int QPER = NQ * HD / 4 / (MT * 128), QB = 8;
+        static_assert(QPER % QB == 0, "queries per thread");
+#pragma unroll
+        for (int u0 = 0; u0 < QPER; u0 += QB) {
+            float4 v[QB];
+#pragma unroll
+            for (int u = 0; u < QB; u++) {
+                const int i = threadIdx.x + (u0 + u) * MT * 128, h = h0 + i / (HD / 4);
+                v[u] = h < H ? ((const float4 *)(q + ((size_t)t * H + h) * HD))[i % (HD / 4)]
+                             : make_float4(0.f, 0.f, 0.f, 0.f);
+            }
+#pragma unroll
+            for (int u = 0; u < QB; u++) {
+                const int i = threadIdx.x + (u0 + u) * MT * 128;
+                atc_put4(qh, ql, (size_t)(i / (HD / 4)) * LD + 4 * (i % (HD / 4)), v[u]);
+            }
+        }
     }
     /* rows g, g+8 of this warp's 16 heads: running maximum and denominator (the sink in split 0) */
     const int hA = h0 + mt * 16 + g, hB = hA + 8;

@@ -9,7 +9,8 @@
  * chunk completes reads its candidate rows from the chunk's projections or, for positions before
  * the chunk, from the state as the step found it (comp_fetch); a second kernel then writes the
  * state the chunk leaves (per column, read all, then write). Each entry's arithmetic is the
- * CPU's, in its order, so results are bit-identical to the token-by-token recurrence.
+ * CPU's, in its order, so results are bit-identical to the token-by-token recurrence (with
+ * `fast`, the fast path's: the RMSNorm's sum of squares over a block tree).
  *
  * State rows (per layer, (coff*ratio, coff*D) values and scores with the positional bias):
  * overlapping (CSA): rows [ratio, 2 ratio) the incomplete group by position % ratio, rows
@@ -71,7 +72,7 @@ comp_seq_of(const struct kern_batch &b, const struct kern_cache &c,
 /* The arguments of both compressor kernels. */
 struct comp_args {
     const float *a, *z, *ape, *norm, *inv_freq;
-    int D, overlap, indexer, rope_dim, quant;
+    int D, overlap, indexer, rope_dim, quant, fast;
     float eps;
 };
 
@@ -81,7 +82,7 @@ __device__ void comp_entry(const struct kern_batch &b, const struct kern_cache &
                            const struct kern_layer_cache &l, const struct comp_args &ca, int s,
                            int k, float *e)
 {
-    __shared__ float red, scales[128];
+    __shared__ float red[32], scales[128];
     const int D = ca.D, overlap = ca.overlap, indexer = ca.indexer, rope_dim = ca.rope_dim;
     const float *norm = ca.norm, *inv_freq = ca.inv_freq;
     const float eps = ca.eps;
@@ -110,7 +111,7 @@ __device__ void comp_entry(const struct kern_batch &b, const struct kern_cache &
         }
         e[ch] = num / den;
     }
-    ex_block_rmsnorm(e, norm, D, eps, &red);
+    blk_rmsnorm(e, norm, D, eps, ca.fast, red);
     ex_block_rope(e + D - rope_dim, rope_dim, inv_freq, idx * ratio, 0);
     if (quant) {
         if (indexer) {
@@ -203,7 +204,7 @@ __global__ void compress_seq_k(struct kern_batch b, struct kern_cache c, struct 
 extern "C" int kern_compress(const struct kern_batch *b, const struct kern_cache *c,
                              const struct kern_layer_cache *l, const float *a, const float *z,
                              const float *ape, const float *norm, int D, int overlap, int indexer,
-                             int rope_dim, const float *inv_freq, float eps, int quant,
+                             int rope_dim, const float *inv_freq, float eps, int quant, int fast,
                              cudaStream_t st)
 {
     if (!l->ratio || D > 128 * 32 || (indexer && (D & (D - 1))) || (overlap && l->ratio > 4))
@@ -213,7 +214,7 @@ extern "C" int kern_compress(const struct kern_batch *b, const struct kern_cache
     const int max_n = b->max_n > 0 ? b->max_n : b->T;
     const unsigned ne = (unsigned)((max_n + l->ratio - 1) / l->ratio + 1); /* entries per seq */
     const struct comp_args ca = {a,       z,       ape,      norm,  inv_freq, D,
-                                 overlap, indexer, rope_dim, quant, eps};
+                                 overlap, indexer, rope_dim, quant, fast,     eps};
     const size_t smem = sizeof(float) * (size_t)D;
     if (ne <= 2) { /* decode-sized steps */
         if (kern__launch(compress_seq_k, b->nseq, COMP_THREADS, smem, st, 1, *b, *c, *l, ca,

@@ -195,28 +195,6 @@ extern "C" int kern_hc_head(const float *X, const int32_t *rows, int nsel, int n
 
 /* ---- norms and round trips ---- */
 
-/*
- * RMSNorm(w) of x (n floats in shared memory) by the whole block: the exact path's (the CPU's
- * sequential sum of squares, on one thread) or, fast, the sum over kern__block_sum's fixed tree
- * (FP32 rounding apart the same; 0.5-1 us per row for n = 512..1024 instead of 2-6 us).
- */
-__device__ __forceinline__ void blk_rmsnorm(float *x, const float *w, int n, float eps, int fast,
-                                            float *red /* shared, 32 floats */)
-{
-    if (!fast) {
-        ex_block_rmsnorm(x, w, n, eps, red);
-        return;
-    }
-    __syncthreads(); /* x was written by the whole block */
-    float ss = 0.0f;
-    for (int i = threadIdx.x; i < n; i += blockDim.x)
-        ss += x[i] * x[i];
-    const float r = 1.0f / sqrtf(kern__block_sum(ss, red) / (float)n + eps);
-    for (int i = threadIdx.x; i < n; i += blockDim.x)
-        x[i] = w ? w[i] * (x[i] * r) : x[i] * r;
-    __syncthreads();
-}
-
 __global__ void rmsnorm_k(const float *x, const float *w, int n, float eps, int fast, float *out)
 {
     kern__pdl_wait();

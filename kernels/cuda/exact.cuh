@@ -387,16 +387,21 @@ __device__ __forceinline__ void ex_rope_pair(float *x, int i, const float *inv_f
  */
 
 /* In-place FP8 (fp4 == 0, cpu_fp8_roundtrip) or FP4 (cpu_fp4_roundtrip) round trip of x (n)
- * per `block` elements; scales: shared scratch of ceil(n / block) floats. */
+ * per `block` elements; scales: shared scratch of ceil(n / block) floats. The block maxima are
+ * exact in any order: warp w takes blocks w, w + nw, ..., its lanes every 32nd element, then a
+ * butterfly (blockDim.x a multiple of 32). */
 __device__ __forceinline__ void ex_block_rt(float *x, int n, int block, int fp4, float *scales)
 {
-    const int nb = (n + block - 1) / block;
-    for (int b = threadIdx.x; b < nb; b += blockDim.x) {
+    const int nb = (n + block - 1) / block, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    for (int b = threadIdx.x >> 5; b < nb; b += nw) {
         int len = n - b * block < block ? n - b * block : block;
         float amax = fp4 ? 6.0f * ldexpf(1.0f, -126) : 1e-4f;
-        for (int j = 0; j < len; j++)
+        for (int j = lane; j < len; j += 32)
             amax = fmaxf(amax, fabsf(x[b * block + j]));
-        scales[b] = ex_pow2_scale(amax, fp4 ? 6.0f : 448.0f);
+        for (int o = 16; o; o >>= 1)
+            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+        if (lane == 0)
+            scales[b] = ex_pow2_scale(amax, fp4 ? 6.0f : 448.0f);
     }
     __syncthreads();
     for (int i = threadIdx.x; i < n; i += blockDim.x)
@@ -431,6 +436,28 @@ __device__ __forceinline__ void ex_block_rmsnorm(float *x, const float *w, int n
         *red = 1.0f / sqrtf(ex_sumsq_seq(x, n) / (float)n + eps);
     __syncthreads();
     float r = *red;
+    for (int i = threadIdx.x; i < n; i += blockDim.x)
+        x[i] = w ? w[i] * (x[i] * r) : x[i] * r;
+    __syncthreads();
+}
+
+/*
+ * RMSNorm(w) of x (n floats in shared memory) by the whole block: the exact path's (the CPU's
+ * sequential sum of squares, on one thread) or, fast, the sum over kern__block_sum's fixed tree
+ * (FP32 rounding apart the same; 0.5-1 us per row for n = 512..1024 instead of 2-6 us).
+ */
+__device__ __forceinline__ void blk_rmsnorm(float *x, const float *w, int n, float eps, int fast,
+                                            float *red /* shared, 32 floats */)
+{
+    if (!fast) {
+        ex_block_rmsnorm(x, w, n, eps, red);
+        return;
+    }
+    __syncthreads(); /* x was written by the whole block */
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x)
+        ss += x[i] * x[i];
+    const float r = 1.0f / sqrtf(kern__block_sum(ss, red) / (float)n + eps);
     for (int i = threadIdx.x; i < n; i += blockDim.x)
         x[i] = w ? w[i] * (x[i] * r) : x[i] * r;
     __syncthreads();

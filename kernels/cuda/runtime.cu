@@ -6,6 +6,7 @@
 #include "kernels/kernels.h"
 #include "kernels/cuda/common.cuh"
 
+#include <cuda_profiler_api.h>
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -218,4 +219,11 @@ extern "C" int kern_sync(void)
 extern "C" const char *kern_last_error(void)
 {
     return cudaGetErrorString(kern_last);
+}
+
+extern "C" void kern_profile_range(int on)
+{
+    /* cudaErrorProfilerDisabled etc. without a profiler: not an error of the caller's work */
+    if ((on ? cudaProfilerStart() : cudaProfilerStop()) != cudaSuccess)
+        (void)cudaGetLastError();
 }

@@ -562,8 +562,10 @@ static int bench_decode(struct bench_ctx *c, int B)
     double sum = 0;
     for (int k = -o->warmup; k < S; k++) {
         bench_random_tokens(c, tok, (size_t)B);
-        if (k == 0)
+        if (k == 0) {
             kern_trace_report(NULL); /* DSV4_CUDA_TRACE: only the timed steps */
+            kern_profile_range(1);   /* ncu --profile-from-start off: likewise */
+        }
         double t0 = bench_now();
         if ((rc = bk->ops->step(bk, seqs, B, c->logits))) {
             err_prefix(rc, "decode batch %d step %d", B, k);
@@ -577,6 +579,7 @@ static int bench_decode(struct bench_ctx *c, int B)
             bench_step_bytes(c, tok, B, (long)o->prompt + o->warmup + k, &sb);
         }
     }
+    kern_profile_range(0);
     {
         char what[64];
         snprintf(what, sizeof what, "decode batch %d, %d steps", B, S);

@@ -2,7 +2,8 @@
  * test_linear_gpu.c - the tensor-core linears of the GPU engine's fast path against an FP64
  * reference (TAP, suite 'gpu'): kern_gemm_fp8 (FP8 128x128-block-scaled weights packed by
  * kern_fp8_pack, BF16 activations; both GEMM paths, group views of a packed matrix) and the
- * BF16 cuBLAS GEMM with hi + lo split activations (kern_act_bf16 + kern_add_split), at the real
+ * BF16 cuBLAS GEMM with hi + lo split activations (kern_act_bf16 + kern_add_split) and the
+ * few-row BF16 CUDA-core linears (kern_gemv_bf16, FP32 x: <= 1e-5), at the real
  * DeepSeek-V4-Flash shapes, T in {1, 7, 33, 300}, fresh random data per run (seed printed),
  * outputs poisoned with NaN before every run.
  *
@@ -200,6 +201,86 @@ static void test_bf16(struct kern_blas *blas, int rows, int cols, int T)
     free(w), free(x), free(y), free(ref);
 }
 
+/*
+ * kern_gemv_bf16: three matrices sharing x in one launch (rows not multiples of the block's 4,
+ * one output with padding columns, ldy > rows), against FP64; the padding stays unwritten, and
+ * the last row of x alone gives bit for bit what it gave inside the T-row launch.
+ */
+static void test_gemv(int cols, int T)
+{
+    enum { N = 3 };
+    const int rows[N] = {1024, 1000, 61}, ldy[N] = {1024, 1003, 61};
+    uint16_t *w[N];
+    float *y[N], *x = malloc(sizeof(float) * (size_t)T * cols);
+    double *ref[N];
+    void *dw[N] = {0}, *dy[N] = {0}, *dx = NULL, *d1 = NULL;
+    struct kern_gemv_mat m[N], m1[N];
+    char what[128];
+    int rc = !x || kern_malloc(&dx, sizeof(float) * (size_t)T * cols);
+    make_x(x, T, cols, 0);
+    rc = rc || kern_h2d(dx, x, sizeof(float) * (size_t)T * cols);
+    for (int i = 0; i < N; i++) {
+        w[i] = malloc(2 * (size_t)rows[i] * cols);
+        y[i] = malloc(sizeof(float) * (size_t)T * ldy[i]);
+        ref[i] = malloc(sizeof(double) * (size_t)T * rows[i]);
+        if (!w[i] || !y[i] || !ref[i]) {
+            rc = 1;
+            continue;
+        }
+        for (size_t k = 0; k < (size_t)rows[i] * cols; k++)
+            w[i][k] = bf16_of(frand() / 64);
+        for (int t = 0; t < T; t++)
+            for (int r = 0; r < rows[i]; r++) {
+                double acc = 0;
+                for (int c = 0; c < cols; c++)
+                    acc += bf16_val(w[i][(size_t)r * cols + c]) * (double)x[(size_t)t * cols + c];
+                ref[i][(size_t)t * rows[i] + r] = acc;
+            }
+        rc = rc || kern_malloc(&dw[i], 2 * (size_t)rows[i] * cols) ||
+             kern_malloc(&dy[i], sizeof(float) * (size_t)T * ldy[i]) ||
+             kern_h2d(dw[i], w[i], 2 * (size_t)rows[i] * cols) ||
+             kern_memset(dy[i], 0xff, sizeof(float) * (size_t)T * ldy[i]);
+        m[i] = (struct kern_gemv_mat){dw[i], rows[i], dy[i], ldy[i]};
+    }
+    rc = rc || kern_malloc(&d1, sizeof(float) * (size_t)ldy[0] * N);
+    for (int i = 0; i < N; i++) /* the last row of x alone, outputs side by side in d1 */
+        m1[i] = (struct kern_gemv_mat){dw[i], rows[i], (float *)d1 + i * ldy[0], rows[i]};
+    rc = rc || kern_memset(d1, 0xff, sizeof(float) * (size_t)ldy[0] * N) ||
+         kern_gemv_bf16(m, N, dx, cols, cols, T, NULL) ||
+         kern_gemv_bf16(m1, N, (const float *)dx + (size_t)(T - 1) * cols, cols, cols, 1, NULL) ||
+         kern_sync();
+    double e = 0;
+    int pad_ok = 1, inv_ok = 1;
+    float *one = rc ? NULL : malloc(sizeof(float) * (size_t)ldy[0] * N);
+    rc = rc || !one || kern_d2h(one, d1, sizeof(float) * (size_t)ldy[0] * N);
+    for (int i = 0; i < N && !rc; i++) {
+        if ((rc = kern_d2h(y[i], dy[i], sizeof(float) * (size_t)T * ldy[i])))
+            break;
+        double ei = rel(y[i], ldy[i], ref[i], T, rows[i]);
+        e = ei > e ? ei : e;
+        for (int t = 0; t < T; t++)
+            for (int r = rows[i]; r < ldy[i]; r++)
+                pad_ok &= isnan(y[i][(size_t)t * ldy[i] + r]);
+        inv_ok &= !memcmp(one + i * ldy[0], y[i] + (size_t)(T - 1) * ldy[i],
+                          sizeof(float) * (size_t)rows[i]);
+    }
+    if (rc)
+        printf("# gemv: CUDA error: %s\n", kern_last_error());
+    snprintf(what, sizeof what, "bf16 gemv, 3 matrices (1024/1000/61, %d) T=%d", cols, T);
+    if (rc)
+        e = INFINITY;
+    tap(!rc && e <= 1e-5, what, e, 1e-5);
+    snprintf(what, sizeof what, "bf16 gemv T=%d: padding unwritten, last row alone bit-identical",
+             T);
+    tap(!rc && pad_ok && inv_ok, what, pad_ok && inv_ok ? 0 : 1, 0);
+    for (int i = 0; i < N; i++) {
+        kern_free(dw[i]), kern_free(dy[i]);
+        free(w[i]), free(y[i]), free(ref[i]);
+    }
+    kern_free(dx), kern_free(d1);
+    free(x), free(one);
+}
+
 /* ---- device sampling (kern_sample_rows) against engine/sampler.c's rules ---- */
 
 static const float *smp_key; /* qsort context: probabilities */
@@ -322,8 +403,11 @@ static void test_sample(int V, int rows, int ties)
     free(l), free(p), free(cand), free(keep), free(P), free(out);
 }
 
-int main(void)
+/* argv[1], if given: the groups to run, e.g. "gemv,sample" (fp8, bf16, gemv, sample) */
+int main(int argc, char **argv)
 {
+    const char *only = argc > 1 ? argv[1] : NULL;
+#define WANT(group) (!only || strstr(only, group))
     if (kern_device_count() < 1) {
         printf("1..0 # SKIP no CUDA device\n");
         return 0;
@@ -336,16 +420,18 @@ int main(void)
     /* Flash: wq_a, wkv, wq_b, indexer wq_b, wo_b, wo_a (8 groups) */
     static const int shapes[][3] = {{1024, 4096, 1}, {512, 4096, 1},  {32768, 1024, 1},
                                     {8192, 1024, 1}, {4096, 8192, 1}, {8192, 4096, 8}};
-    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+    for (size_t s = 0; WANT("fp8") && s < sizeof shapes / sizeof shapes[0]; s++)
         for (size_t i = 0; i < sizeof Ts / sizeof Ts[0]; i++) {
             if ((double)shapes[s][0] * shapes[s][1] * Ts[i] > 2.5e9)
                 continue; /* keeps the FP64 reference quick */
             test_fp8(shapes[s][0], shapes[s][1], shapes[s][2], Ts[i], shapes[s][2] == 1);
         }
-    test_fp8(1024, 4096, 1, 33, 0); /* an FP8 matrix with split FP32 activations */
+    if (WANT("fp8"))
+        test_fp8(1024, 4096, 1, 33, 0); /* an FP8 matrix with split FP32 activations */
     struct kern_blas *blas = NULL;
     void *ws = NULL;
-    if (kern_malloc(&ws, 32 << 20) || kern_blas_new(&blas, NULL, ws, 32 << 20)) {
+    if (!WANT("bf16")) {
+    } else if (kern_malloc(&ws, 32 << 20) || kern_blas_new(&blas, NULL, ws, 32 << 20)) {
         printf("not ok %d - cuBLAS setup: %s\n", ++n_test, kern_last_error());
         n_fail++;
     } else {
@@ -357,9 +443,18 @@ int main(void)
     }
     kern_blas_free(blas);
     kern_free(ws);
-    test_sample(129280, 64, 0);
-    test_sample(129280, 64, 1);
-    test_sample(1000, 256, 1);
+    if (WANT("gemv")) {
+        test_gemv(4096, 1);
+        test_gemv(4096, 8);
+        test_gemv(4096, 16);
+        test_gemv(520, 5);
+        test_gemv(520, 11);
+    }
+    if (WANT("sample")) {
+        test_sample(129280, 64, 0);
+        test_sample(129280, 64, 1);
+        test_sample(1000, 256, 1);
+    }
     printf("1..%d\n", n_test);
     return n_fail ? 1 : 0;
 }
