@@ -1,9 +1,10 @@
 /*
  * mhc_fast.cu - the mHC collapse of the GPU engine's fast path: hc_pre and hc_head with the
  * 24-way (4-way) projection split over K across many blocks (a deterministic split-K: slices
- * summed in order), and the row reductions done by the whole block. The gates and the Sinkhorn
- * iterations are the exact path's (ex_hc_gates); only summation orders differ from dense.cu,
- * so results agree to FP32 rounding and do not depend on how many rows a step has.
+ * summed by a fixed butterfly), and the row reductions done by the whole block. The gates and
+ * the Sinkhorn iterations keep the exact path's order (4 streams: hcf_gates4, with expf and
+ * reciprocals; else ex_hc_gates), so results agree with dense.cu to FP32 rounding and do not
+ * depend on how many rows a step has.
  *
  * Shapes: X (T, n, d) residual streams; fn (nmix, n*d); part (T, HCF_SLICES, nmix) workspace.
  */
@@ -70,8 +71,71 @@ __global__ void __launch_bounds__(HCF_THREADS)
 }
 
 /*
- * One row per block: the mix (the slices summed in order) times the row's rsqrt(mean(X^2) +
- * eps), then the gates (pre, post, comb; head == 0) or the head's pre only (head == 1), then
+ * The gates of 4 streams from z = mix * scale + base (24 values in shared memory) on one thread:
+ * the exact path's operations in its order (sequential row and column sums), in registers, with
+ * expf and one approximate reciprocal (__fdividef, 2 ulp) per row or column sum in place of
+ * glibc-rounded exp and 4 IEEE divisions each. The IEEE divisions are what made the gates slow:
+ * the exact path's warp version, and this one with correctly rounded reciprocals, were each
+ * ~7 us of hcf_finish_k's 13-14 at one row; with these, the Flash decode step at batch 1 went
+ * 1.855 -> 1.776 ms (H200, bench_gpu_engine, two runs each).
+ */
+__device__ __forceinline__ void hcf_gates4(const float *z, int iters, float hc_eps, float *pre,
+                                           float *post, float *comb, float *comb_out)
+{
+    if (threadIdx.x == 0) {
+        float m[4][4];
+#pragma unroll
+        for (int t = 0; t < 4; t++) {
+            pre[t] = 1.0f / (1.0f + expf(-z[t])) + hc_eps;
+            post[t] = 2.0f * (1.0f / (1.0f + expf(-z[4 + t])));
+        }
+#pragma unroll
+        for (int j = 0; j < 4; j++) { /* softmax of row j, + eps */
+            float mx = -INFINITY, sum = 0.0f;
+#pragma unroll
+            for (int k = 0; k < 4; k++)
+                mx = fmaxf(mx, z[8 + 4 * j + k]);
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                m[j][k] = expf(z[8 + 4 * j + k] - mx);
+                sum += m[j][k];
+            }
+            const float r = __fdividef(1.0f, sum);
+#pragma unroll
+            for (int k = 0; k < 4; k++)
+                m[j][k] = m[j][k] * r + hc_eps;
+        }
+        for (int it = 0; it < iters; it++) {
+            if (it > 0)
+#pragma unroll
+                for (int j = 0; j < 4; j++) { /* rows */
+                    const float r =
+                        __fdividef(1.0f, ((m[j][0] + m[j][1]) + m[j][2]) + m[j][3] + hc_eps);
+#pragma unroll
+                    for (int k = 0; k < 4; k++)
+                        m[j][k] *= r;
+                }
+#pragma unroll
+            for (int k = 0; k < 4; k++) { /* columns */
+                const float r =
+                    __fdividef(1.0f, ((m[0][k] + m[1][k]) + m[2][k]) + m[3][k] + hc_eps);
+#pragma unroll
+                for (int j = 0; j < 4; j++)
+                    m[j][k] *= r;
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int k = 0; k < 4; k++)
+                comb[4 * j + k] = comb_out[4 * j + k] = m[j][k];
+    }
+    __syncthreads();
+}
+
+/*
+ * One row per block: the mix (the slices summed by a butterfly) times the row's rsqrt(mean(X^2)
+ * + eps), then the gates (pre, post, comb; head == 0) or the head's pre only (head == 1), then
  * u = sum_k pre[k] X[k] and RMSNorm(w) into out (T, d). float4 loads and stores (d % 4 == 0,
  * rows 16-byte aligned).
  */
@@ -95,15 +159,14 @@ __global__ void hcf_finish_k(const float *__restrict__ X, int n, int d,
         ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
     }
     const float red = 1.0f / sqrtf(kern__block_sum(ss, sm) / (float)len + norm_eps);
-    { /* warp w: mixes w, w + 8, ...; lane s loads slice s (all loads in flight at once), the
-       * slices are added in order through shuffles */
+    { /* warp w: mixes w, w + 16, ...; lane s loads slice s (all loads in flight at once), the
+       * slices are added by a butterfly (fixed order) */
         const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
         for (int m = warp; m < nmix; m += nw) {
-            const float x = part[((size_t)i * HCF_SLICES + lane) * nmix + m];
-            float v = 0.0f;
+            float v = part[((size_t)i * HCF_SLICES + lane) * nmix + m];
 #pragma unroll
-            for (int s = 0; s < HCF_SLICES; s++)
-                v += __shfl_sync(0xffffffffu, x, s);
+            for (int o = 16; o; o >>= 1)
+                v += __shfl_xor_sync(0xffffffffu, v, o);
             if (lane == 0)
                 mix[m] = v * red;
         }
@@ -113,6 +176,14 @@ __global__ void hcf_finish_k(const float *__restrict__ X, int n, int d,
         if (threadIdx.x < n)
             pre[threadIdx.x] = ex_sigmoid(mix[threadIdx.x] * scale[0] + base[threadIdx.x]) + hc_eps;
         __syncthreads();
+    } else if (n == 4) {
+        if (threadIdx.x < nmix) /* the gates' inputs, every parameter load at once */
+            mix[threadIdx.x] =
+                mix[threadIdx.x] * scale[threadIdx.x < 4 ? 0 : (threadIdx.x < 8 ? 1 : 2)] +
+                base[threadIdx.x];
+        __syncthreads();
+        hcf_gates4(mix, iters, hc_eps, pre, post_out + (size_t)i * n, comb,
+                   comb_out + (size_t)i * n * n);
     } else {
         ex_hc_gates(mix, n, base, scale, iters, hc_eps, pre, post_out + (size_t)i * n, comb,
                     comb_out + (size_t)i * n * n);
