@@ -12,12 +12,13 @@
 
 #include "kernels/cuda/exact.cuh"
 
-#define HCF_THREADS     256
-#define HCF_FIN_THREADS 512 /* hcf_finish_k: one row per block, latency-bound: more loads in flight */
-#define HCF_MAX         16
-#define HCF_SLICES      32 /* K slices of the projection (one per lane in hcf_finish_k) */
-#define HCF_ROWS        8  /* rows per block of the projection */
-#define HCF_MIXMAX      ((2 + HCF_MAX) * HCF_MAX)
+#define HCF_THREADS 256
+#define HCF_FIN_THREADS                                                                            \
+    512 /* hcf_finish_k: one row per block, latency-bound: more loads in flight */
+#define HCF_MAX    16
+#define HCF_SLICES 32 /* K slices of the projection (one per lane in hcf_finish_k) */
+#define HCF_ROWS   8  /* rows per block of the projection */
+#define HCF_MIXMAX ((2 + HCF_MAX) * HCF_MAX)
 
 /*
  * part (T, HCF_SLICES, nmix): per slice s of the len columns, the dots of the rows of X with the
@@ -70,14 +71,23 @@ __global__ void __launch_bounds__(HCF_THREADS)
     }
 }
 
+/* 1 / x: the approximate reciprocal (MUFU, 2 ulp) and one Newton step (within an ulp, nearly
+ * always the correctly rounded value) - a few cycles, where __frcp_rn and the IEEE division are
+ * slow subroutines on the gates' serial chain. */
+__device__ __forceinline__ float hcf_rcp(float x)
+{
+    const float r = __fdividef(1.0f, x);
+    return fmaf(r, fmaf(-x, r, 1.0f), r);
+}
+
 /*
  * The gates of 4 streams from z = mix * scale + base (24 values in shared memory) on one thread:
  * the exact path's operations in its order (sequential row and column sums), in registers, with
- * expf and one approximate reciprocal (__fdividef, 2 ulp) per row or column sum in place of
- * glibc-rounded exp and 4 IEEE divisions each. The IEEE divisions are what made the gates slow:
- * the exact path's warp version, and this one with correctly rounded reciprocals, were each
- * ~7 us of hcf_finish_k's 13-14 at one row; with these, the Flash decode step at batch 1 went
- * 1.855 -> 1.776 ms (H200, bench_gpu_engine, two runs each).
+ * expf and one reciprocal (hcf_rcp) per row or column sum in place of glibc-rounded exp and 4
+ * IEEE divisions each. The IEEE divisions are what made the gates slow: the exact path's warp
+ * version, and this one with __frcp_rn, were each ~7 us of hcf_finish_k's 13-14 at one row;
+ * with the bare approximate reciprocal the Flash decode step at batch 1 went 1.855 -> 1.776 ms
+ * (H200, bench_gpu_engine, two runs each).
  */
 __device__ __forceinline__ void hcf_gates4(const float *z, int iters, float hc_eps, float *pre,
                                            float *post, float *comb, float *comb_out)
@@ -100,7 +110,7 @@ __device__ __forceinline__ void hcf_gates4(const float *z, int iters, float hc_e
                 m[j][k] = expf(z[8 + 4 * j + k] - mx);
                 sum += m[j][k];
             }
-            const float r = __fdividef(1.0f, sum);
+            const float r = hcf_rcp(sum);
 #pragma unroll
             for (int k = 0; k < 4; k++)
                 m[j][k] = m[j][k] * r + hc_eps;
@@ -109,16 +119,14 @@ __device__ __forceinline__ void hcf_gates4(const float *z, int iters, float hc_e
             if (it > 0)
 #pragma unroll
                 for (int j = 0; j < 4; j++) { /* rows */
-                    const float r =
-                        __fdividef(1.0f, ((m[j][0] + m[j][1]) + m[j][2]) + m[j][3] + hc_eps);
+                    const float r = hcf_rcp(((m[j][0] + m[j][1]) + m[j][2]) + m[j][3] + hc_eps);
 #pragma unroll
                     for (int k = 0; k < 4; k++)
                         m[j][k] *= r;
                 }
 #pragma unroll
             for (int k = 0; k < 4; k++) { /* columns */
-                const float r =
-                    __fdividef(1.0f, ((m[0][k] + m[1][k]) + m[2][k]) + m[3][k] + hc_eps);
+                const float r = hcf_rcp(((m[0][k] + m[1][k]) + m[2][k]) + m[3][k] + hc_eps);
 #pragma unroll
                 for (int j = 0; j < 4; j++)
                     m[j][k] *= r;
