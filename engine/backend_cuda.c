@@ -129,6 +129,9 @@ enum {
     PR_N
 };
 
+/* The side stream's events: the fork, and the compressor branch's two results */
+enum { EV_FORK, EV_WI, EV_COMP, EV_N };
+
 /* A captured decode step: B rows, launch sizes for positions up to PB. */
 struct cuda_graph {
     int B, PB, logits; /* logits: the graph copies the logits rows (else only picked tokens) */
@@ -139,8 +142,12 @@ struct cuda_graph {
 struct cuda_impl {
     struct dsv4_model *m; /* borrowed */
     struct CUstream_st *stream;
-    int quant;    /* model numerics: the FP8/FP4 round trips */
-    int exact;    /* the CPU's arithmetic op for op; else tensor-core linears */
+    /* A second stream, forked into the step and joined back (fast path only): the compressor
+     * branch of an attention sub-layer runs there beside the q/kv projections. NULL: one. */
+    struct CUstream_st *side;    /* owned */
+    struct CUevent_st *ev[EV_N]; /* fork / join points, owned */
+    int quant;                   /* model numerics: the FP8/FP4 round trips */
+    int exact;                   /* the CPU's arithmetic op for op; else tensor-core linears */
     int fp8_kv;   /* KV entries and indexer keys in FP8 (fast path, model numerics) */
     int progress; /* load progress on stderr */
     int n_slots;  /* sequence slots (the spare one for padding rows is n_slots) */
@@ -835,6 +842,15 @@ static void prof_report(struct cuda_impl *ci, int T)
     memset(ci->prof_acc, 0, sizeof ci->prof_acc);
 }
 
+/* An integer from the environment, or def when unset or not a number. */
+static int env_int(const char *name, int def)
+{
+    const char *e = getenv(name);
+    char *end;
+    long v = e ? strtol(e, &end, 0) : 0;
+    return e && *e && !*end ? (int)v : def;
+}
+
 /* ---- the walk ---- */
 
 #define TRY(call)                                                                                  \
@@ -967,28 +983,42 @@ static int lin(struct cuda_impl *ci, const struct dev_lin *W, const float *x, in
     return lin_grouped(ci, W, x, W->q.cols, T, act, xq_buf, y, W->q.rows, 0, 0);
 }
 
+/* 1 when lin_shared_x runs W[0..n) as one CUDA-core launch (gemv_bf16.cu): the fast path,
+ * BF16 weights of one input width, at most KERN_GEMV_MAX_T rows. */
+static int shared_x_fused(const struct cuda_impl *ci, const struct dev_lin *const *W, int n, int T)
+{
+    int fused = !ci->exact && n > 0 && T <= KERN_GEMV_MAX_T && n <= KERN_GEMV_MAX;
+    for (int i = 0; i < n && fused; i++)
+        fused = W[i]->q.fmt == KERN_W_BF16 && !W[i]->p.data && W[i]->q.cols == W[0]->q.cols;
+    return fused;
+}
+
 /*
- * Y[i] (T, rows_i) = W[i] x (T, d) for linears of x as is (FP32 activations): on the fast path,
- * BF16 weights and at most KERN_GEMV_MAX_T rows, all in one CUDA-core launch (gemv_bf16.cu);
- * otherwise one lin() each.
+ * Y[i] (T, rows_i) = W[i] x (T, d) for linears of x as is (FP32 activations): one launch on st
+ * where shared_x_fused, else one lin() each (on ci->stream: then st must be it).
  */
 static int lin_shared_x(struct cuda_impl *ci, const struct dev_lin *const *W, float *const *Y,
-                        int n, const float *x, int T)
+                        int n, const float *x, int T, struct CUstream_st *st)
 {
-    struct kern_gemv_mat m[KERN_GEMV_MAX];
-    int fused = !ci->exact && T <= KERN_GEMV_MAX_T && n <= KERN_GEMV_MAX;
-    for (int i = 0; i < n && fused; i++) {
-        fused = W[i]->q.fmt == KERN_W_BF16 && !W[i]->p.data && W[i]->q.cols == W[0]->q.cols;
-        m[i] = (struct kern_gemv_mat){W[i]->q.w, W[i]->q.rows, Y[i], W[i]->q.rows};
+    if (shared_x_fused(ci, W, n, T)) {
+        struct kern_gemv_mat m[KERN_GEMV_MAX];
+        for (int i = 0; i < n; i++)
+            m[i] = (struct kern_gemv_mat){W[i]->q.w, W[i]->q.rows, Y[i], W[i]->q.rows};
+        return kern_gemv_bf16(m, n, x, W[0]->q.cols, W[0]->q.cols, T, st);
     }
-    if (fused && n > 0)
-        return kern_gemv_bf16(m, n, x, W[0]->q.cols, W[0]->q.cols, T, ci->stream);
     for (int i = 0; i < n; i++) {
         int rc = lin(ci, W[i], x, T, ACT_F32, NULL, Y[i]);
         if (rc)
             return rc;
     }
     return 0;
+}
+
+/* The side stream waits for what ci->stream has enqueued so far. */
+static int side_fork(struct cuda_impl *ci)
+{
+    int rc = kern_event_record(ci->ev[EV_FORK], ci->stream);
+    return rc ? rc : kern_stream_wait(ci->side, ci->ev[EV_FORK]);
 }
 
 static int attention_sublayer(struct cuda_impl *ci, int li, const struct kern_batch *b)
@@ -1007,7 +1037,12 @@ static int attention_sublayer(struct cuda_impl *ci, int li, const struct kern_ba
     clear_xb(ci);
     TRY(hc_pre(ci, &L->hc_attn, L->attn_norm, T));
     prof_mark(ci, PR_HC);
-    { /* compressor and indexer projections on x as is */
+    /* The compressor branch: the compressor and indexer projections of x as is, then the
+     * compressors (their entries land in the blocks). With the side stream and a fused
+     * projection it runs there, beside the q/kv projections, and joins before attn_prep
+     * (which reads wi: EV_WI) and before the indexer / attention (EV_COMP). */
+    struct CUstream_st *cst = st;
+    {
         const struct dev_lin *W[5];
         float *Y[5];
         int nw = 0;
@@ -1020,9 +1055,26 @@ static int attention_sublayer(struct cuda_impl *ci, int li, const struct kern_ba
             W[nw] = &L->icomp.wgate, Y[nw++] = s->iz;
             W[nw] = &L->idx_wproj, Y[nw++] = s->wi;
         }
-        TRY(lin_shared_x(ci, W, Y, nw, s->x, T));
+        if (ci->side && shared_x_fused(ci, W, nw, T)) {
+            TRY(side_fork(ci));
+            cst = ci->side;
+        }
+        TRY(lin_shared_x(ci, W, Y, nw, s->x, T, cst));
     }
+    if (cst != st)
+        TRY(kern_event_record(ci->ev[EV_WI], cst));
     prof_mark(ci, PR_PROJ16);
+    if (sp->ratio)
+        TRY(kern_compress(b, &ci->cache, &L->cache, s->ca, s->cz, L->comp.ape, L->comp.norm,
+                          L->comp.D, L->comp.overlap, 0, r, ci->inv_comp, eps, ci->quant,
+                          !ci->exact, cst));
+    if (csa)
+        TRY(kern_compress(b, &ci->cache, &L->cache, s->ia, s->iz, L->icomp.ape, L->icomp.norm,
+                          L->icomp.D, L->icomp.overlap, 1, r, ci->inv_comp, eps, ci->quant,
+                          !ci->exact, cst));
+    if (cst != st)
+        TRY(kern_event_record(ci->ev[EV_COMP], cst));
+    prof_mark(ci, PR_COMP);
     TRY(lin(ci, &L->wq_a, s->x, T, ACT_QUANT, s->xq, s->qlat));
     TRY(lin(ci, &L->wkv, s->x, T, ACT_QUANT, s->xq, s->kv));
     TRY(kern_rmsnorm(s->qlat, L->q_norm, T, ql, eps, !ci->exact, s->qlat, st));
@@ -1030,24 +1082,19 @@ static int attention_sublayer(struct cuda_impl *ci, int li, const struct kern_ba
     if (csa)
         TRY(lin(ci, &L->idx_wq_b, s->qlat, T, ACT_QUANT, s->qlat_q, s->qi));
     prof_mark(ci, PR_PROJ);
+    if (cst != st)
+        TRY(kern_stream_wait(st, ci->ev[EV_WI]));
     TRY(kern_attn_prep(s->q, s->kv, s->qi, s->wi, b, H, hd, L->kv_norm, csa ? Hi : 0, Di, r, inv,
                        eps, ci->quant, !ci->exact, st));
     prof_mark(ci, PR_PREP);
-    /* compressors (entries land in the blocks), then the indexer's selection */
-    if (sp->ratio)
-        TRY(kern_compress(b, &ci->cache, &L->cache, s->ca, s->cz, L->comp.ape, L->comp.norm,
-                          L->comp.D, L->comp.overlap, 0, r, ci->inv_comp, eps, ci->quant,
-                          !ci->exact, st));
+    if (cst != st)
+        TRY(kern_stream_wait(st, ci->ev[EV_COMP]));
     if (csa) {
-        TRY(kern_compress(b, &ci->cache, &L->cache, s->ia, s->iz, L->icomp.ape, L->icomp.norm,
-                          L->icomp.D, L->icomp.overlap, 1, r, ci->inv_comp, eps, ci->quant,
-                          !ci->exact, st));
-        prof_mark(ci, PR_COMP);
         TRY((ci->exact ? kern_indexer_topk
                        : kern_indexer_topk_fast)(b, &ci->cache, &L->cache, s->qi, s->wi, Hi, Di,
                                                  c->index_topk, s->scores, ci->ld_cap, s->sel, st));
+        prof_mark(ci, PR_INDEX);
     }
-    prof_mark(ci, csa ? PR_INDEX : PR_COMP);
     if (ci->exact)
         TRY(kern_sink_attention(b, &ci->cache, &L->cache, s->q, s->kv, csa ? s->sel : NULL,
                                 c->index_topk, L->attn_sink, H, hd, c->sliding_window, r, inv, s->o,
@@ -1462,6 +1509,8 @@ static void cuda_destroy(struct backend *bk)
     if (ci) {
         if (ci->stream)
             (void)kern_stream_sync(ci->stream);
+        if (ci->side) /* joined into the stream in every step; after a failed one, maybe not */
+            (void)kern_stream_sync(ci->side);
         for (int i = 0; ci->slots && i < bk->n_slots; i++)
             free(ci->slots[i].blocks);
         free(ci->slots);
@@ -1481,6 +1530,9 @@ static void cuda_destroy(struct backend *bk)
         kern_free(ci->blas_ws);
         kern_free(ci->meta_d);
         kern_host_free(ci->meta_h);
+        for (int i = 0; i < EV_N; i++)
+            kern_event_free(ci->ev[i]);
+        kern_stream_free(ci->side);
         kern_stream_free(ci->stream);
         free(ci);
     }
@@ -1561,6 +1613,9 @@ int backend_cuda_new_opts(struct backend **out, struct dsv4_model *m,
         const char *g = getenv("DSV4_CUDA_GRAPHS");
         ci->graphs = !ci->prof && !(g && !strcmp(g, "0"));
     }
+    /* the side stream (DSV4_CUDA_FORK=0: off) on the fast path; DSV4_CUDA_PROFILE times op
+     * groups on one stream */
+    const int use_side = !ci->exact && !ci->prof && env_int("DSV4_CUDA_FORK", 1);
     ci->nvfp4 = !ci->exact && nvfp4_usable(m);
     if (c->expert_fmt == DSV4_WFMT_NVFP4 && !ci->nvfp4) {
         rc = err_setf(ERR_UNSUPPORTED,
@@ -1600,6 +1655,16 @@ int backend_cuda_new_opts(struct backend **out, struct dsv4_model *m,
     if ((rc = kern_stream_new(&ci->stream))) {
         rc = err_setf(ERR_CUDA, "cuda backend: cannot create a stream: %s", kern_last_error());
         goto fail;
+    }
+    if (use_side) {
+        rc = kern_stream_new(&ci->side);
+        for (int i = 0; i < EV_N && !rc; i++)
+            rc = kern_event_new(&ci->ev[i]);
+        if (rc) {
+            rc = err_setf(ERR_CUDA, "cuda backend: cannot create a stream or event: %s",
+                          kern_last_error());
+            goto fail;
+        }
     }
 
     /* sizes first: weights (pass 0 of the uploader), fixed state, scratch for the largest

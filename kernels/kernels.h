@@ -27,6 +27,7 @@ extern "C" {
 #endif
 
 struct CUstream_st; /* cudaStream_t without the CUDA headers */
+struct CUevent_st;  /* cudaEvent_t */
 struct kern_blas;   /* a cuBLAS handle bound to a stream and a workspace (linear_fast.cu) */
 
 /* ---- weight layouts read by the MoE kernels (packed once at load, on the host) ----
@@ -463,6 +464,13 @@ int kern_sample_rows(const float *logits, int n, int V, const struct kern_pick *
 int kern_stream_new(struct CUstream_st **out);
 void kern_stream_free(struct CUstream_st *s);
 int kern_stream_sync(struct CUstream_st *s);
+/* Events for ordering two streams: s waits (kern_stream_wait) for what was enqueued before the
+ * latest kern_event_record of ev (one event may be reused call after call). Inside a graph
+ * capture this forks a second stream into the graph, or joins it back. */
+int kern_event_new(struct CUevent_st **out);
+void kern_event_free(struct CUevent_st *e); /* NULL-safe */
+int kern_event_record(struct CUevent_st *ev, struct CUstream_st *s);
+int kern_stream_wait(struct CUstream_st *s, struct CUevent_st *ev);
 int kern_host_alloc(void **p, size_t n); /* pinned */
 void kern_host_free(void *p);
 int kern_h2d_async(void *dst, const void *src, size_t n, struct CUstream_st *s);

@@ -35,6 +35,30 @@ extern "C" int kern_stream_sync(struct CUstream_st *s)
     return rc ? rc : rt_map(cudaGetLastError());
 }
 
+extern "C" int kern_event_new(struct CUevent_st **out)
+{
+    cudaEvent_t e = NULL;
+    int rc = rt_map(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    *out = rc ? NULL : e;
+    return rc;
+}
+
+extern "C" void kern_event_free(struct CUevent_st *e)
+{
+    if (e)
+        cudaEventDestroy(e);
+}
+
+extern "C" int kern_event_record(struct CUevent_st *ev, struct CUstream_st *s)
+{
+    return rt_map(cudaEventRecord(ev, s));
+}
+
+extern "C" int kern_stream_wait(struct CUstream_st *s, struct CUevent_st *ev)
+{
+    return rt_map(cudaStreamWaitEvent(s, ev, 0));
+}
+
 extern "C" int kern_host_alloc(void **p, size_t n)
 {
     *p = NULL;

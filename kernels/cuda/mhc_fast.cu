@@ -71,6 +71,56 @@ __global__ void __launch_bounds__(HCF_THREADS)
     }
 }
 
+/*
+ * hcf_mix_part_k for T <= HCF_SMALL_T rows (decode of one or two sequences), where the
+ * projection is pure latency: every load of a thread in flight at once - its fn values (static
+ * weights) before the dependency wait, its X values in one batch after it - then the same sums
+ * in the same order (lane l: columns k0 + l + 32 i in i order; butterfly), so the results are
+ * those of hcf_mix_part_k bit for bit. Slices of a multiple of 32 columns, at most 32
+ * HCF_SMALL_PER (Flash 512, Pro 896); nmix <= 24.
+ */
+#define HCF_SMALL_T   2
+#define HCF_SMALL_PER 32
+__global__ void __launch_bounds__(HCF_THREADS)
+    hcf_mix_small_k(const float *__restrict__ X, int T, int len, const float *__restrict__ fn,
+                    int nmix, float *__restrict__ part)
+{
+    constexpr int NW = HCF_THREADS / 32;
+    const int s = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int sl = len / HCF_SLICES, k0 = s * sl + lane, per = sl / 32;
+    float f[3][HCF_SMALL_PER], x[HCF_SMALL_T][HCF_SMALL_PER];
+#pragma unroll
+    for (int j = 0; j < 3; j++) {
+        const int m = warp + j * NW;
+#pragma unroll
+        for (int i = 0; i < HCF_SMALL_PER; i++)
+            f[j][i] = m < nmix && i < per ? fn[(size_t)m * len + k0 + 32 * i] : 0.0f;
+    }
+    kern__pdl_wait();
+    kern__pdl_launch();
+#pragma unroll
+    for (int r = 0; r < HCF_SMALL_T; r++)
+#pragma unroll
+        for (int i = 0; i < HCF_SMALL_PER; i++)
+            x[r][i] = r < T && i < per ? X[(size_t)r * len + k0 + 32 * i] : 0.0f;
+#pragma unroll
+    for (int j = 0; j < 3; j++) {
+        const int m = warp + j * NW;
+#pragma unroll
+        for (int r = 0; r < HCF_SMALL_T; r++) {
+            float v = 0.0f;
+#pragma unroll
+            for (int i = 0; i < HCF_SMALL_PER; i++)
+                if (i < per)
+                    v += f[j][i] * x[r][i];
+            for (int o = 16; o; o >>= 1)
+                v += __shfl_xor_sync(0xffffffffu, v, o);
+            if (lane == 0 && m < nmix && r < T)
+                part[((size_t)r * HCF_SLICES + s) * nmix + m] = v;
+        }
+    }
+}
+
 /* 1 / x: the approximate reciprocal (MUFU, 2 ulp) and one Newton step (within an ulp, nearly
  * always the correctly rounded value) - a few cycles, where __frcp_rn and the IEEE division are
  * slow subroutines on the gates' serial chain. */
@@ -245,8 +295,12 @@ static int hcf_run(const float *X, int T, int n, int d, const float *fn, int nmi
         return ERR_UNSUPPORTED;
     if (T <= 0)
         return 0;
-    if (kern__launch(hcf_mix_part_k, dim3(HCF_SLICES, (unsigned)((T + HCF_ROWS - 1) / HCF_ROWS)),
-                     HCF_THREADS, 0, st, 1, X, T, len, fn, nmix, part))
+    const int sl = len / HCF_SLICES;
+    const int small = T <= HCF_SMALL_T && nmix <= 3 * (HCF_THREADS / 32) && sl % 32 == 0 &&
+                      sl <= 32 * HCF_SMALL_PER;
+    if (kern__launch(small ? hcf_mix_small_k : hcf_mix_part_k,
+                     dim3(HCF_SLICES, (unsigned)((T + HCF_ROWS - 1) / HCF_ROWS)), HCF_THREADS, 0,
+                     st, 1, X, T, len, fn, nmix, part))
         return ERR_CUDA;
     EX_LAUNCH_CHECK();
     if (kern__launch(hcf_finish_k, T, HCF_FIN_THREADS, sizeof(float) * (size_t)d, st, 1, X, n, d,

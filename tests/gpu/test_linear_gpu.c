@@ -12,6 +12,8 @@
  * path, whose accumulation is not round-to-nearest). Split FP32 activations
  * keep 16 significant bits: <= 5e-5.
  *
+ * The fast mHC collapse of one or two rows bit-identical to the same rows in a 3-row call.
+ *
  * Also the device sampler (kern_sample_rows): greedy rows must give the host's argmax; drawn rows
  * a token of the host sampler's kept set (min-p, top-k, top-p with its tie rules) whose interval
  * of the id-order cumulative mass holds u times the kept mass (within 1e-5 of the mass).
@@ -281,6 +283,81 @@ static void test_gemv(int cols, int T)
     free(x), free(one);
 }
 
+/*
+ * The fast mHC collapse (kern_hc_pre_fast, kern_hc_head_fast) of 1 or 2 rows takes its own
+ * projection kernel (every load in flight at once); it must give bit for bit what the general
+ * kernel gives the same rows inside a 3-row call: x, post and comb (head: y) of each row alone
+ * and of the first two rows together against the 3-row call, outputs poisoned before each.
+ */
+static void test_mhc(int d)
+{
+    enum { T = 3, N = 4, NMIX = (2 + N) * N };
+    const size_t len = (size_t)N * d;
+    const size_t nx = T * len, nfn = NMIX * len, nout = (size_t)T * d + T * N + T * N * N;
+    float *h = malloc(sizeof(float) * (nx + nfn + NMIX + 3 + d));
+    float *o3 = malloc(sizeof(float) * nout), *o1 = malloc(sizeof(float) * nout);
+    void *dmem = NULL, *dws = NULL, *dout = NULL, *dg = NULL, *drows = NULL;
+    int rc = !h || !o3 || !o1, same_pre = 1, same_head = 1, finite = 1;
+    for (size_t i = 0; !rc && i < nx + nfn + NMIX + 3 + d; i++)
+        h[i] = i < nx ? frand() : (i < nx + nfn ? frand() / 64 : 1.0f + frand() / 4);
+    float *dx = NULL, *dfn, *dbase, *dscale, *dnorm;
+    rc = rc || kern_malloc(&dmem, sizeof(float) * (nx + nfn + NMIX + 3 + d)) ||
+         kern_h2d(dmem, h, sizeof(float) * (nx + nfn + NMIX + 3 + d)) ||
+         kern_malloc(&dws, sizeof(float) * kern_hc_fast_ws_floats(T, N)) ||
+         kern_malloc(&dout, sizeof(float) * nout) || kern_malloc(&dg, sizeof(float) * nx) ||
+         kern_malloc(&drows, sizeof(int32_t) * T) ||
+         kern_h2d(drows, (int32_t[]){0, 1, 2}, sizeof(int32_t) * T);
+    if (!rc) {
+        dx = dmem, dfn = dx + nx, dbase = dfn + nfn, dscale = dbase + NMIX, dnorm = dscale + 3;
+    }
+    /* rows [r0, r0 + t) into outputs at row r0; head: fn rows 0..N-1, base 0..N-1, scale[0] */
+    float *dy = dout, *dpost = (float *)dout + (size_t)T * d, *dcomb = dpost + T * N;
+#define MHC_RUN(r0, t, out)                                                                        \
+    (kern_memset(dout, 0xff, sizeof(float) * nout) ||                                              \
+     kern_hc_pre_fast(dx + (r0)*len, t, N, d, dfn, dbase, dscale, 20, 1e-6f, 1e-6f, dnorm, dws,    \
+                      dy + (size_t)(r0)*d, dpost + (r0)*N, dcomb + (r0)*N * N, NULL) ||            \
+     kern_sync() || kern_d2h(out, dout, sizeof(float) * nout))
+#define HEAD_RUN(r0, t, out)                                                                       \
+    (kern_memset(dout, 0xff, sizeof(float) * nout) ||                                              \
+     kern_hc_head_fast(dx, (const int32_t *)drows + (r0), t, N, d, dfn, dbase, dscale, 1e-6f,      \
+                       1e-6f, dnorm, dg, dws, dy + (size_t)(r0)*d, NULL) ||                        \
+     kern_sync() || kern_d2h(out, dout, sizeof(float) * nout))
+    rc = rc || MHC_RUN(0, T, o3);
+    for (size_t i = 0; !rc && i < nout; i++)
+        finite &= isfinite(o3[i]);
+    for (int r = 0; r < T + 1 && !rc; r++) { /* rows 0, 1, 2 alone; then rows 0-1 together */
+        const int r0 = r < T ? r : 0, t = r < T ? 1 : 2;
+        if ((rc = MHC_RUN(r0, t, o1)))
+            break;
+        for (int k = r0; k < r0 + t; k++)
+            same_pre &= !memcmp(o1 + (size_t)k * d, o3 + (size_t)k * d, sizeof(float) * d) &&
+                        !memcmp(o1 + T * d + k * N, o3 + T * d + k * N, sizeof(float) * N) &&
+                        !memcmp(o1 + T * d + T * N + k * N * N, o3 + T * d + T * N + k * N * N,
+                                sizeof(float) * N * N);
+    }
+    rc = rc || HEAD_RUN(0, T, o3);
+    for (int k = 0; k < T * d && !rc; k++)
+        finite &= isfinite(o3[k]);
+    for (int r = 0; r < T + 1 && !rc; r++) {
+        const int r0 = r < T ? r : 0, t = r < T ? 1 : 2;
+        if ((rc = HEAD_RUN(r0, t, o1)))
+            break;
+        same_head &= !memcmp(o1 + (size_t)r0 * d, o3 + (size_t)r0 * d, sizeof(float) * t * d);
+    }
+#undef MHC_RUN
+#undef HEAD_RUN
+    if (rc)
+        printf("# mhc: CUDA error: %s\n", kern_last_error());
+    n_test++;
+    n_fail += rc || !same_pre || !same_head || !finite;
+    printf("%s %d - mhc fast d=%d: rows alone and in pairs bit-identical to a 3-row call: hc_pre "
+           "%s, hc_head %s; outputs finite: %s\n",
+           !rc && same_pre && same_head && finite ? "ok" : "not ok", n_test, d,
+           same_pre ? "yes" : "NO", same_head ? "yes" : "NO", finite ? "yes" : "NO");
+    kern_free(dmem), kern_free(dws), kern_free(dout), kern_free(dg), kern_free(drows);
+    free(h), free(o3), free(o1);
+}
+
 /* ---- device sampling (kern_sample_rows) against engine/sampler.c's rules ---- */
 
 static const float *smp_key; /* qsort context: probabilities */
@@ -403,7 +480,7 @@ static void test_sample(int V, int rows, int ties)
     free(l), free(p), free(cand), free(keep), free(P), free(out);
 }
 
-/* argv[1], if given: the groups to run, e.g. "gemv,sample" (fp8, bf16, gemv, sample) */
+/* argv[1], if given: the groups to run, e.g. "gemv,sample" (fp8, bf16, gemv, mhc, sample) */
 int main(int argc, char **argv)
 {
     const char *only = argc > 1 ? argv[1] : NULL;
@@ -449,6 +526,11 @@ int main(int argc, char **argv)
         test_gemv(4096, 16);
         test_gemv(520, 5);
         test_gemv(520, 11);
+    }
+    if (WANT("mhc")) {
+        test_mhc(4096); /* Flash */
+        test_mhc(7168); /* Pro */
+        test_mhc(384);  /* slices not a multiple of 32 columns: the general kernel alone */
     }
     if (WANT("sample")) {
         test_sample(129280, 64, 0);
