@@ -891,6 +891,22 @@ static int hc_pre(struct cuda_impl *ci, const struct dev_hc *h, const float *nor
                             ci->stream);
 }
 
+/* hc_post of a sub-layer: the next residual streams from s->out into X2, which becomes X. */
+static int hc_post(struct cuda_impl *ci, int T)
+{
+    const struct dsv4_config *c = &ci->m->cfg;
+    struct scratch *s = &ci->s;
+    int rc = kern_hc_post(s->out, s->X, s->post, s->comb, T, c->hc_mult, c->hidden_size, s->X2,
+                          ci->stream);
+    if (rc)
+        return rc;
+    prof_mark(ci, PR_HC);
+    float *tmp = s->X;
+    s->X = s->X2;
+    s->X2 = tmp;
+    return 0;
+}
+
 /* The activations of a linear: as computed, a linear_q's FP8 round trip to apply first, or
  * already FP8-rounded (by kern_swiglu). The round trips happen only in model numerics. */
 enum { ACT_F32 = 0, ACT_QUANT = 1, ACT_QUANTIZED = 2 };
@@ -1028,7 +1044,7 @@ static int attention_sublayer(struct cuda_impl *ci, int li, const struct kern_ba
     const struct dsv4_layer_spec *sp = L->spec;
     struct scratch *s = &ci->s;
     struct CUstream_st *st = ci->stream;
-    const int T = b->T, d = c->hidden_size, n = c->hc_mult, H = c->n_heads, hd = c->head_dim;
+    const int T = b->T, H = c->n_heads, hd = c->head_dim;
     const int r = c->rope_dim, ql = c->q_lora_rank, Hi = c->index_n_heads, Di = c->index_head_dim;
     const float eps = (float)c->rms_norm_eps;
     const float *inv = sp->rope == DSV4_ROPE_MAIN ? ci->inv_main : ci->inv_comp;
@@ -1113,13 +1129,7 @@ static int attention_sublayer(struct cuda_impl *ci, int li, const struct kern_ba
         TRY(lin(ci, &L->wo_b, s->zo, T, ACT_QUANT, s->zo_q, s->out));
     }
     prof_mark(ci, PR_OUT);
-    TRY(kern_hc_post(s->out, s->X, s->post, s->comb, T, n, d, s->X2, st));
-    prof_mark(ci, PR_HC);
-    {
-        float *tmp = s->X;
-        s->X = s->X2;
-        s->X2 = tmp;
-    }
+    TRY(hc_post(ci, T));
     return 0;
 fail:
     return kfail(rc, "attention", li, T);
@@ -1131,7 +1141,7 @@ static int moe_sublayer(struct cuda_impl *ci, int li, const struct kern_batch *b
     const struct dev_layer *L = &ci->layers[li];
     struct scratch *s = &ci->s;
     struct CUstream_st *st = ci->stream;
-    const int T = b->T, d = c->hidden_size, n = c->hc_mult, E = c->n_routed_experts;
+    const int T = b->T, d = c->hidden_size, E = c->n_routed_experts;
     const int K = c->n_experts_per_tok, I = c->moe_inter, P = T * K;
     const float limit = (float)c->swiglu_limit;
     int rc;
@@ -1165,13 +1175,7 @@ static int moe_sublayer(struct cuda_impl *ci, int li, const struct kern_batch *b
     TRY(kern_moe_combine(s->ys, L->has_shared ? s->so : NULL, T, K, d, s->out, st));
 post:
     prof_mark(ci, PR_MOE);
-    TRY(kern_hc_post(s->out, s->X, s->post, s->comb, T, n, d, s->X2, st));
-    prof_mark(ci, PR_HC);
-    {
-        float *tmp = s->X;
-        s->X = s->X2;
-        s->X2 = tmp;
-    }
+    TRY(hc_post(ci, T));
     return 0;
 fail:
     return kfail(rc, "MoE", li, T);

@@ -547,19 +547,11 @@ static int atc_enabled(void)
     return on;
 }
 
-static int attf_sms(void)
-{
-    static int sms;
-    if (!sms && cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0) != cudaSuccess)
-        sms = 132;
-    return sms;
-}
-
 /* Key splits for T rows in `groups` head groups: enough blocks for two waves, at most
  * ATTF_MAXS, at least one chunk each. */
 static int attf_splits(int T, int groups, int nk_max)
 {
-    long want = (2L * attf_sms() + (long)T * groups - 1) / ((long)T * groups);
+    long want = (2L * kern__sm_count() + (long)T * groups - 1) / ((long)T * groups);
     int S = want < ATTF_MAXS ? (int)want : ATTF_MAXS, nch = (nk_max + ATTF_KC - 1) / ATTF_KC;
     S = S < nch ? S : nch;
     return S < 1 ? 1 : S;
@@ -569,7 +561,7 @@ extern "C" size_t kern_attention_fast_ws_floats(int H, int hd)
 {
     /* S > 1 only while T * groups < 2 sms, so T * S < 4 sms / groups */
     const int groups = (H + 16 * ATTF_HPW - 1) / (16 * ATTF_HPW);
-    return (size_t)(4 * attf_sms() / groups + 16) * H * (hd + 2);
+    return (size_t)(4 * kern__sm_count() / groups + 16) * H * (hd + 2);
 }
 
 /* The tensor-core kernel with 16 MT heads per block; key splits for about one wave (one
@@ -598,11 +590,12 @@ static int attention_tc_mt(const struct kern_batch *b, const struct kern_cache *
     const int groups = (H + 16 * MT - 1) / (16 * MT);
     int S = 1;
     if (ws) {
-        const long cap = (4L * attf_sms() / ((H + 16 * ATTF_HPW - 1) / (16 * ATTF_HPW)) + 16) /
-                         b->T; /* rows x splits the workspace holds, per row */
+        const long cap =
+            (4L * kern__sm_count() / ((H + 16 * ATTF_HPW - 1) / (16 * ATTF_HPW)) + 16) /
+            b->T; /* rows x splits the workspace holds, per row */
         /* one wave: 1 block per multiprocessor at 64 heads, 2 at 16 (shared memory); a second,
          * partial wave would cost a whole block time */
-        const long want = (long)attf_sms() * (MT == 4 ? 1 : 2) / ((long)b->T * groups);
+        const long want = (long)kern__sm_count() * (MT == 4 ? 1 : 2) / ((long)b->T * groups);
         const int nch = (nk_max + ATTF_KC - 1) / ATTF_KC;
         S = (int)(want < cap ? want : cap);
         S = S < ATTF_MAXS ? S : ATTF_MAXS;
@@ -624,7 +617,7 @@ static int attention_tc(const struct kern_batch *b, const struct kern_cache *c,
                         cudaStream_t st)
 {
     /* 64 heads per block once the rows alone fill the multiprocessors, else 16 (more blocks) */
-    if (H >= 64 && b->T >= attf_sms() / 3)
+    if (H >= 64 && b->T >= kern__sm_count() / 3)
         return attention_tc_mt<4>(b, c, l, q, kv, sel, topk, sinks, H, W, rope_dim, inv_freq, o, ws,
                                   nk_max, st);
     return attention_tc_mt<1>(b, c, l, q, kv, sel, topk, sinks, H, W, rope_dim, inv_freq, o, ws,

@@ -83,6 +83,8 @@ __device__ __forceinline__ void kern__pdl_launch(void)
 /* 0 when DSV4_CUDA_PDL=0 or DSV4_CUDA_TRACE is set (read once): every launch then plain, for
  * A/B timing (runtime.cu). */
 int kern__pdl_on(void);
+/* Multiprocessors of device 0 (read once; 132 if the query fails): for sizing grids. */
+int kern__sm_count(void);
 /* DSV4_CUDA_TRACE: events around every kern__launch (kern_trace_report() prints them). */
 int kern__trace_on(void);
 void kern__trace(const void *fn, cudaStream_t st, int after);

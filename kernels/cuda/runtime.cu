@@ -44,6 +44,14 @@ int kern__pdl_on(void)
     return on;
 }
 
+int kern__sm_count(void)
+{
+    static int sms; /* benign race: idempotent */
+    if (!sms && cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0) != cudaSuccess)
+        sms = 132; /* an H100 SXM */
+    return sms;
+}
+
 /* ---- DSV4_CUDA_TRACE: a pair of events around each launch (diagnosis; one thread) ---- */
 
 #define TRACE_MAX 8192

@@ -24,33 +24,12 @@
 #include "engine/kvcache.h"
 #include "kernels/cpu/cpu.h"
 #include "kernels/kernels.h"
+#include "tests/gpu/gpu_test.h"
 
 #define HD   512
 #define ROPE 64
 #define WIN  128
 #define TOPK 512
-
-static int n_test, n_fail;
-static uint64_t rs;
-
-static uint32_t rnd(void)
-{
-    rs = rs * 6364136223846793005ull + 1442695040888963407ull;
-    return (uint32_t)(rs >> 33);
-}
-
-static float frand(void) /* [-1, 1) */
-{
-    return (float)rnd() / 2147483648.0f - 1.0f;
-}
-
-static void tap(int ok, const char *msg)
-{
-    n_test++;
-    n_fail += !ok;
-    printf("%s %d - %s\n", ok ? "ok" : "not ok", n_test, msg);
-    fflush(stdout);
-}
 
 /* One random KV entry of the format at e. */
 static void fill_entry(uint8_t *e, int fp8)
@@ -280,7 +259,7 @@ int main(void)
                              "%.2e (bound 1e-4), %d non-finite",
                              heads[hi], ratios[ri], fp8 ? "FP8" : "FP32", ndec, nchunk,
                              use_ws ? ", splits" : "", e, nonfinite);
-                    tap(e >= 0 && e <= 1e-4 && nonfinite == 0, msg);
+                    tap(e >= 0 && e <= 1e-4 && nonfinite == 0, "%s", msg);
                 }
     printf("1..%d\n", n_test);
     return n_fail ? 1 : 0;

@@ -27,28 +27,11 @@
 
 #include "kernels/cpu/cpu.h"
 #include "kernels/kernels.h"
+#include "tests/gpu/gpu_test.h"
 
-static int n_test, n_fail;
-static uint64_t rs;
-
-static uint32_t rnd(void)
+static void tap_err(int ok, const char *what, double err, double bound)
 {
-    rs = rs * 6364136223846793005ull + 1442695040888963407ull;
-    return (uint32_t)(rs >> 33);
-}
-
-static float frand(void) /* [-1, 1) */
-{
-    return (float)rnd() / 2147483648.0f - 1.0f;
-}
-
-static void tap(int ok, const char *what, double err, double bound)
-{
-    n_test++;
-    n_fail += !ok;
-    printf("%s %d - %s: rel err %.3e (bound %.0e)\n", ok ? "ok" : "not ok", n_test, what, err,
-           bound);
-    fflush(stdout);
+    tap(ok, "%s: rel err %.3e (bound %.0e)", what, err, bound);
 }
 
 /* ||y - ref|| / ||ref|| over (T, rows) with row stride ldy; NaN counts as infinite */
@@ -142,7 +125,7 @@ static void test_fp8(int rows, int cols, int grp, int T, int fp8x)
     if (rc)
         printf("# %s: CUDA error %d: %s\n", what, rc, kern_last_error());
     double e = rc ? INFINITY : rel(y, rows, ref, T, rows);
-    tap(!rc && e <= bound, what, e, bound);
+    tap_err(!rc && e <= bound, what, e, bound);
     kern_free(dd), kern_free(df), kern_free(dx), kern_free(dxb), kern_free(dy), kern_free(ds);
     free(w), free(sc), free(pd), free(pf), free(x), free(y), free(ref);
 }
@@ -198,7 +181,7 @@ static void test_bf16(struct kern_blas *blas, int rows, int cols, int T)
     if (rc)
         printf("# %s: CUDA error: %s\n", what, kern_last_error());
     double e = rc ? INFINITY : rel(y, rows, ref, T, rows);
-    tap(!rc && e <= 5e-5, what, e, 5e-5);
+    tap_err(!rc && e <= 5e-5, what, e, 5e-5);
     kern_free(dw), kern_free(dx), kern_free(dxb), kern_free(dy), kern_free(ds);
     free(w), free(x), free(y), free(ref);
 }
@@ -271,10 +254,10 @@ static void test_gemv(int cols, int T)
     snprintf(what, sizeof what, "bf16 gemv, 3 matrices (1024/1000/61, %d) T=%d", cols, T);
     if (rc)
         e = INFINITY;
-    tap(!rc && e <= 1e-5, what, e, 1e-5);
+    tap_err(!rc && e <= 1e-5, what, e, 1e-5);
     snprintf(what, sizeof what, "bf16 gemv T=%d: padding unwritten, last row alone bit-identical",
              T);
-    tap(!rc && pad_ok && inv_ok, what, pad_ok && inv_ok ? 0 : 1, 0);
+    tap_err(!rc && pad_ok && inv_ok, what, pad_ok && inv_ok ? 0 : 1, 0);
     for (int i = 0; i < N; i++) {
         kern_free(dw[i]), kern_free(dy[i]);
         free(w[i]), free(y[i]), free(ref[i]);
@@ -294,21 +277,22 @@ static void test_mhc(int d)
     enum { T = 3, N = 4, NMIX = (2 + N) * N };
     const size_t len = (size_t)N * d;
     const size_t nx = T * len, nfn = NMIX * len, nout = (size_t)T * d + T * N + T * N * N;
-    float *h = malloc(sizeof(float) * (nx + nfn + NMIX + 3 + d));
+    float *h = malloc(sizeof(float) * (nx + nfn + NMIX + 4 + d));
     float *o3 = malloc(sizeof(float) * nout), *o1 = malloc(sizeof(float) * nout);
     void *dmem = NULL, *dws = NULL, *dout = NULL, *dg = NULL, *drows = NULL;
     int rc = !h || !o3 || !o1, same_pre = 1, same_head = 1, finite = 1;
-    for (size_t i = 0; !rc && i < nx + nfn + NMIX + 3 + d; i++)
+    for (size_t i = 0; !rc && i < nx + nfn + NMIX + 4 + d; i++)
         h[i] = i < nx ? frand() : (i < nx + nfn ? frand() / 64 : 1.0f + frand() / 4);
     float *dx = NULL, *dfn, *dbase, *dscale, *dnorm;
-    rc = rc || kern_malloc(&dmem, sizeof(float) * (nx + nfn + NMIX + 3 + d)) ||
-         kern_h2d(dmem, h, sizeof(float) * (nx + nfn + NMIX + 3 + d)) ||
+    rc = rc || kern_malloc(&dmem, sizeof(float) * (nx + nfn + NMIX + 4 + d)) ||
+         kern_h2d(dmem, h, sizeof(float) * (nx + nfn + NMIX + 4 + d)) ||
          kern_malloc(&dws, sizeof(float) * kern_hc_fast_ws_floats(T, N)) ||
          kern_malloc(&dout, sizeof(float) * nout) || kern_malloc(&dg, sizeof(float) * nx) ||
          kern_malloc(&drows, sizeof(int32_t) * T) ||
          kern_h2d(drows, (int32_t[]){0, 1, 2}, sizeof(int32_t) * T);
     if (!rc) {
-        dx = dmem, dfn = dx + nx, dbase = dfn + nfn, dscale = dbase + NMIX, dnorm = dscale + 3;
+        /* (norm weights 16-byte aligned: the kernel reads them as float4) */
+        dx = dmem, dfn = dx + nx, dbase = dfn + nfn, dscale = dbase + NMIX, dnorm = dscale + 4;
     }
     /* rows [r0, r0 + t) into outputs at row r0; head: fn rows 0..N-1, base 0..N-1, scale[0] */
     float *dy = dout, *dpost = (float *)dout + (size_t)T * d, *dcomb = dpost + T * N;
@@ -348,12 +332,10 @@ static void test_mhc(int d)
 #undef HEAD_RUN
     if (rc)
         printf("# mhc: CUDA error: %s\n", kern_last_error());
-    n_test++;
-    n_fail += rc || !same_pre || !same_head || !finite;
-    printf("%s %d - mhc fast d=%d: rows alone and in pairs bit-identical to a 3-row call: hc_pre "
-           "%s, hc_head %s; outputs finite: %s\n",
-           !rc && same_pre && same_head && finite ? "ok" : "not ok", n_test, d,
-           same_pre ? "yes" : "NO", same_head ? "yes" : "NO", finite ? "yes" : "NO");
+    tap(!rc && same_pre && same_head && finite,
+        "mhc fast d=%d: rows alone and in pairs bit-identical to a 3-row call: hc_pre %s, "
+        "hc_head %s; outputs finite: %s",
+        d, same_pre ? "yes" : "NO", same_head ? "yes" : "NO", finite ? "yes" : "NO");
     kern_free(dmem), kern_free(dws), kern_free(dout), kern_free(dg), kern_free(drows);
     free(h), free(o3), free(o1);
 }
@@ -470,12 +452,10 @@ static void test_sample(int V, int rows, int ties)
             printf("# row %d: T %.2f top_k %d top_p %.2f min_p %.2f u %.6f -> token %d\n", r,
                    P[r].temperature, P[r].top_k, P[r].top_p, P[r].min_p, P[r].u, out[r]);
     }
-    n_test++;
-    n_fail += rc || bad;
-    printf("%s %d - sampling %d rows of %d%s: %d picks outside the host rules (worst cdf miss "
-           "%.1e, bound 1e-5)%s\n",
-           !rc && !bad ? "ok" : "not ok", n_test, rows, V, ties ? " (with ties)" : "", bad, worst,
-           rc ? ": CUDA error" : "");
+    tap(!rc && !bad,
+        "sampling %d rows of %d%s: %d picks outside the host rules (worst cdf miss %.1e, bound "
+        "1e-5)%s",
+        rows, V, ties ? " (with ties)" : "", bad, worst, rc ? ": CUDA error" : "");
     kern_free(dl), kern_free(dp), kern_free(dw), kern_free(dout);
     free(l), free(p), free(cand), free(keep), free(P), free(out);
 }
@@ -509,8 +489,7 @@ int main(int argc, char **argv)
     void *ws = NULL;
     if (!WANT("bf16")) {
     } else if (kern_malloc(&ws, 32 << 20) || kern_blas_new(&blas, NULL, ws, 32 << 20)) {
-        printf("not ok %d - cuBLAS setup: %s\n", ++n_test, kern_last_error());
-        n_fail++;
+        tap(0, "cuBLAS setup: %s", kern_last_error());
     } else {
         /* compressor wkv (CSA), weights_proj, a head-like matrix */
         test_bf16(blas, 1024, 4096, 7);

@@ -18,31 +18,14 @@
 #include "kernels/kernels.h"
 #include "kernels/cpu/cpu.h"
 #include "kernels/cpu/nvfp4.h"
+#include "tests/gpu/gpu_test.h"
 #include "tests/gpu/moe_fixture.h"
 
 #include <math.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-
-static int n_test, n_fail;
-
-static void tap(int ok, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void tap(int ok, const char *fmt, ...)
-{
-    va_list ap;
-    n_test++;
-    if (!ok)
-        n_fail++;
-    printf("%s %d - ", ok ? "ok" : "not ok", n_test);
-    va_start(ap, fmt);
-    vprintf(fmt, ap);
-    va_end(ap);
-    printf("\n");
-    fflush(stdout);
-}
 
 struct bufs {
     float *x;     /* (Tmax, d) device */
