@@ -224,4 +224,36 @@ __device__ __forceinline__ void kern__wgmma_m64n128k16_rs(float (&d)[64], uint32
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc_b), "r"(1));
 }
 
+/* ---- mbarriers (shared memory, CTA scope) ---- */
+
+__device__ __forceinline__ void kern__mbar_init(uint64_t *bar, int count)
+{
+    asm volatile(
+        "mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"((uint32_t)__cvta_generic_to_shared(bar)),
+        "r"(count)
+        : "memory");
+}
+
+/* Arrive (release): this thread's earlier shared-memory writes are visible to a waiter. */
+__device__ __forceinline__ void kern__mbar_arrive(uint64_t *bar)
+{
+    asm volatile(
+        "mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"((uint32_t)__cvta_generic_to_shared(bar))
+        : "memory");
+}
+
+/* Wait (acquire) until the phase of parity `parity` has completed. */
+__device__ __forceinline__ void kern__mbar_wait(uint64_t *bar, uint32_t parity)
+{
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(bar);
+    uint32_t done;
+    do {
+        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+                     "selp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(done)
+                     : "r"(a), "r"(parity)
+                     : "memory");
+    } while (!done);
+}
+
 #endif

@@ -24,84 +24,7 @@
  */
 #include "kernels/cuda/moe_internal.cuh"
 
-enum { WF_NVFP4 = 0, WF_FP8 = 1 };
-enum { STAGE_GATEUP = 1, STAGE_DOWN = 2 };
-
-struct gemm_args {
-    const uint8_t *w;             /* packed weights (expert 0) */
-    const uint8_t *ws;            /* NVFP4 packed scales (expert 0) */
-    const uint16_t *fac;          /* FP8 factors */
-    size_t w_estride, ws_estride; /* bytes per expert */
-    const float *alpha;           /* routed: (E, 2) gate/up or (E) down */
-    float alpha_c0, alpha_c1;     /* shared: gate/up or down */
-    int N, Kd;                    /* weight rows, reduction length */
-    const int4 *tiles;            /* routed tile list */
-    const int32_t *ntiles;        /* routed tile count (device) */
-    int T;                        /* shared: tokens */
-    const int32_t *sorted;        /* routed: slot of each grouped position */
-    const float *route_w;         /* routed: (T*K) */
-    int topk;
-    const __nv_bfloat16 *in; /* GEMM1: x (T, d) by token; GEMM2: h (pos, I) */
-    int ldin;                /* elements between rows of `in` (a multiple of 8) */
-    int ldout;               /* STAGE_DOWN: elements between rows of `yout` */
-    int late_wait;           /* shared GEMM1 only: `in` was written two kernels back, so the
-                              * whole product runs before the dependency wait */
-    __nv_bfloat16 *hout;     /* GEMM1: (pos, I) */
-    float *yout;             /* GEMM2: routed (slot, d), shared (t, d) */
-    float limit;
-    /* dense linears in groups (blockIdx.z = group g): the operands of group g start at
-     * w + g w_gstride, fac + g fac_gstride, in + g in_goff, yout + g out_goff */
-    size_t w_gstride, fac_gstride, in_goff, out_goff;
-};
-
-/* The operands of group z of a dense launch (a copy; z == 0: unchanged). */
-__device__ __forceinline__ gemm_args group_args(const gemm_args &a, unsigned z)
-{
-    gemm_args g = a;
-    g.w += z * g.w_gstride;
-    g.fac += z * g.fac_gstride;
-    g.in += z * g.in_goff;
-    g.yout += z * g.out_goff;
-    return g;
-}
-
-/* NVFP4 code word (8 nibbles, kernels.h order) + two scale bytes -> one A fragment. */
-__device__ __forceinline__ void dequant_nvfp4(uint32_t q, uint32_t sg, uint32_t sg8,
-                                              uint32_t (&a)[4])
-{
-    uint32_t q4 = q << 4, q8 = q << 8, q12 = q << 12;
-    a[0] = kern__bf16x2_mul((q & 0x80008000u) | ((q & 0x70007000u) >> 6), sg);
-    a[1] = kern__bf16x2_mul((q4 & 0x80008000u) | ((q4 & 0x70007000u) >> 6), sg8);
-    a[2] = kern__bf16x2_mul((q8 & 0x80008000u) | ((q8 & 0x70007000u) >> 6), sg);
-    a[3] = kern__bf16x2_mul((q12 & 0x80008000u) | ((q12 & 0x70007000u) >> 6), sg8);
-}
-
-/* "UE5M3" scale byte -> BF16 of (scale * 2^118), broadcast to both halves. */
-__device__ __forceinline__ uint32_t nvfp4_scale_bf16x2(uint32_t ks)
-{
-    return ((ks << 4) + 0x7580u) * 0x10001u;
-}
-
-/* Two E4M3 bytes (byte pair `hi` of w) -> BF16x2 of value * 2^-120 (exact). */
-__device__ __forceinline__ uint32_t e4m3x2_to_bf16x2(uint32_t w, int hi)
-{
-    uint32_t t = __byte_perm(w, 0u, hi ? 0x3424 : 0x1404);
-    return (t & 0x80008000u) | ((t & 0x7f007f00u) >> 4);
-}
-
-__device__ __forceinline__ void dequant_fp8(uint32_t w0, uint32_t w1, uint32_t fg, uint32_t fg8,
-                                            uint32_t (&a)[4])
-{
-    a[0] = kern__bf16x2_mul(e4m3x2_to_bf16x2(w0, 0), fg);
-    a[1] = kern__bf16x2_mul(e4m3x2_to_bf16x2(w0, 1), fg8);
-    a[2] = kern__bf16x2_mul(e4m3x2_to_bf16x2(w1, 0), fg);
-    a[3] = kern__bf16x2_mul(e4m3x2_to_bf16x2(w1, 1), fg8);
-}
-
-__device__ __forceinline__ uint32_t word_of(const uint4 &v, int i)
-{
-    return i == 0 ? v.x : (i == 1 ? v.y : (i == 2 ? v.z : v.w));
-}
+#include "kernels/cuda/moe_gemm.cuh"
 
 /*
  * One GEMM tile. Programmatic dependent launch: a kernel waits (griddepcontrol.wait) for its
@@ -377,15 +300,6 @@ __global__ void __launch_bounds__(RB *KS * 32, NT == 1 && RB * KS == 4 ? 5 : 0)
 #define MOE_WGS 4
 #endif
 #define WG_THREADS (MOE_WGS * 128)
-
-
-__device__ __forceinline__ void cp_async16(void *dst, const void *src, int bytes)
-{
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
-                     (uint32_t)__cvta_generic_to_shared(dst)),
-                 "l"(src), "r"(bytes)
-                 : "memory");
-}
 
 template <int BN> struct wg_acc;
 template <> struct wg_acc<64> {
@@ -829,6 +743,9 @@ extern "C" int kern_moe_prepare(void)
     static int done; /* benign race: idempotent */
     if (done)
         return 0;
+    int rc = moe__ws_prepare();
+    if (rc)
+        return rc;
     KERN_CHECK(cudaFuncSetAttribute(moe_gemm_wg<STAGE_GATEUP, 128>,
                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     (int)wg_smem(128)));
@@ -858,18 +775,54 @@ static int launch_wg(const gemm_args &a, const gemm_args &sh, int rt_tiles, int 
                         sh_tiles);
 }
 
+enum { PATH_MMA = 0, PATH_WG = 1, PATH_WS = 2 };
+
+/* DSV4_MOE_WS=0: never the warp-specialised kernel, =1: for every wgmma-sized step (A/B
+ * timing); unset: from WS_MIN_M tokens per weight matrix (read once). */
+static int ws_mode(void)
+{
+    static int mode = -2; /* benign race: idempotent */
+    if (mode == -2) {
+        const char *e = getenv("DSV4_MOE_WS");
+        mode = e && e[0] == '0' ? 0 : (e && e[0] == '1' ? 1 : -1);
+    }
+    return mode;
+}
+/* MoE: from 160 mean tokens per expert (H100, layer us, register-A -> this kernel, same call:
+ * Flash T = 8192 (m 192) 8459, 8476 -> 7786, 7789; Pro T = 8192 (m 128) 22608, 22728 -> 23107,
+ * 22999; Flash T = 4096 (m 96) 4673 -> 5586). Dense FP8 linears: only with DSV4_MOE_WS=1
+ * (engine prefill in 2048-token chunks: 22146 against 22322 tokens/s with the register-A
+ * kernel). */
+#define WS_MIN_M     160
+#define WS_MIN_DENSE (1L << 30)
+
+static int use_ws(long m, long min_m)
+{
+    int mode = ws_mode();
+    return mode < 0 ? m >= min_m : mode;
+}
+
 /*
  * Path and tile width from the mean tokens per expert m: mma.sync with 8..32-token tiles up
- * to m = 32 (weight-streaming, latency-bound), else wgmma with 64- or 128-token tiles.
- * Returns the tile width BT; *wg says whether the wgmma path runs.
+ * to m = 32 (weight-streaming, latency-bound), else wgmma: the warp-specialised kernel with
+ * tiles of up to 256 tokens (use_ws), or the register-A one with 64- or 128-token tiles.
+ * Returns the tile width BT; *path says which kernel runs.
  */
-static int pick_tile(const struct kern_moe_layer *L, int T, int *wg)
+static int pick_tile(const struct kern_moe_layer *L, int T, int *path)
 {
     long m = (long)T * L->K / L->E;
-    *wg = m > 32;
-    if (*wg)
-        return m >= 96 ? 128 : 64;
-    return m <= 8 ? 8 : (m <= 16 ? 16 : 32);
+    if (m <= 32) {
+        *path = PATH_MMA;
+        return m <= 8 ? 8 : (m <= 16 ? 16 : 32);
+    }
+    /* the warp-specialised kernel addresses activations with 32-bit byte offsets */
+    const size_t act_bytes = (size_t)T * L->K * (L->d > L->I ? L->d : L->I) * 2;
+    if (use_ws(m, WS_MIN_M) && act_bytes < ((size_t)1 << 32)) {
+        *path = PATH_WS;
+        return 256;
+    }
+    *path = PATH_WG;
+    return m >= 96 ? 128 : 64;
 }
 
 extern "C" size_t kern_moe_workspace_bytes(const struct kern_moe_layer *L, int T_max)
@@ -887,8 +840,8 @@ static int moe_experts_ws(const struct kern_moe_layer *L, const float *x, const 
         return 0;
     if (d % 256 || I % 256 || E > MOE_GROUP_THREADS || K < 1)
         return ERR_UNSUPPORTED;
-    int wg;
-    const int BT = pick_tile(L, T, &wg), NT = BT / 8;
+    int path;
+    const int BT = pick_tile(L, T, &path), NT = BT / 8, wg = path != PATH_MMA;
     const int tiles_max = moe__max_tiles(T, K, E, BT), sh_tiles = (T + BT - 1) / BT;
 
     /* pdl: the first kernel of a call is launched plainly (a full dependency on whatever
@@ -929,9 +882,11 @@ static int moe_experts_ws(const struct kern_moe_layer *L, const float *x, const 
     s.alpha_c1 = L->sh_alpha13[1];
     s.hout = ws->hsh;
     s.late_wait = xb_ready && !wg;
-    rc = wg ? (BT == 128 ? launch_wg<STAGE_GATEUP, 128>(a, s, tiles_max, L->sh13 ? sh_tiles : 0, st)
-                         : launch_wg<STAGE_GATEUP, 64>(a, s, tiles_max, L->sh13 ? sh_tiles : 0, st))
-            : launch_nt<STAGE_GATEUP>(NT, a, s, tiles_max, L->sh13 ? sh_tiles : 0, st);
+    const int nsh = L->sh13 ? sh_tiles : 0;
+    rc = path == PATH_WS ? moe__launch_ws(STAGE_GATEUP, a, s, tiles_max, nsh, st, 1)
+         : wg            ? (BT == 128 ? launch_wg<STAGE_GATEUP, 128>(a, s, tiles_max, nsh, st)
+                                      : launch_wg<STAGE_GATEUP, 64>(a, s, tiles_max, nsh, st))
+                         : launch_nt<STAGE_GATEUP>(NT, a, s, tiles_max, nsh, st);
     if (rc)
         return rc;
     /* GEMM2: down */
@@ -952,9 +907,10 @@ static int moe_experts_ws(const struct kern_moe_layer *L, const float *x, const 
     s.alpha_c0 = L->sh_alpha2;
     s.in = ws->hsh;
     s.yout = ws->ysh;
-    rc = wg ? (BT == 128 ? launch_wg<STAGE_DOWN, 128>(a, s, tiles_max, L->sh13 ? sh_tiles : 0, st)
-                         : launch_wg<STAGE_DOWN, 64>(a, s, tiles_max, L->sh13 ? sh_tiles : 0, st))
-            : launch_nt<STAGE_DOWN>(NT, a, s, tiles_max, L->sh13 ? sh_tiles : 0, st);
+    rc = path == PATH_WS ? moe__launch_ws(STAGE_DOWN, a, s, tiles_max, nsh, st, 1)
+         : wg            ? (BT == 128 ? launch_wg<STAGE_DOWN, 128>(a, s, tiles_max, nsh, st)
+                                      : launch_wg<STAGE_DOWN, 64>(a, s, tiles_max, nsh, st))
+                         : launch_nt<STAGE_DOWN>(NT, a, s, tiles_max, nsh, st);
     if (rc)
         return rc;
     dim3 cg((d / 4 + 255) / 256, T);
@@ -995,9 +951,9 @@ extern "C" int kern_moe_forward(const struct kern_moe_layer *L, const float *x,
         rt.idx = lay.idx;
         rt.w = lay.w;
     }
-    int wg;
-    (void)pick_tile(L, T, &wg);
-    const int xb_ready = T <= 64 && !wg; /* the small-T logits kernel writes xb */
+    int path;
+    (void)pick_tile(L, T, &path);
+    const int xb_ready = T <= 64 && path == PATH_MMA; /* the small-T logits kernel writes xb */
     int rc = moe__logits(L, x, T, lay.logits, xb_ready ? lay.xb : NULL, stream);
     if (!rc && !rt.logits)
         rc = moe__topk(L, lay.logits, tokens, T, lay.idx, lay.w, stream);
@@ -1019,8 +975,8 @@ extern "C" int kern_gemm_fp8_perm(int rows, int groups, int T)
            (T >= 256 || (long)groups * (rows / (64 * MOE_WGS)) * ((T + BT - 1) / BT) >= 32);
 }
 
-extern "C" int kern_gemm_fp8(const struct kern_fp8_mat *W, int groups, const uint16_t *xb,
-                             int ldx, size_t x_goff, int T, float *y, int ldy, size_t y_goff,
+extern "C" int kern_gemm_fp8(const struct kern_fp8_mat *W, int groups, const uint16_t *xb, int ldx,
+                             size_t x_goff, int T, float *y, int ldy, size_t y_goff,
                              struct CUstream_st *stream)
 {
     if (T <= 0 || groups <= 0)
@@ -1042,6 +998,9 @@ extern "C" int kern_gemm_fp8(const struct kern_fp8_mat *W, int groups, const uin
     s.fac_gstride = kern_fp8_factor_count(W->rows, W->cols);
     s.in_goff = x_goff;
     s.out_goff = y_goff;
+    if (kern_gemm_fp8_perm(W->rows, groups, T) && use_ws(T, WS_MIN_DENSE) &&
+        ((size_t)T * ldx + (size_t)(groups - 1) * x_goff) * 2 < ((size_t)1 << 32))
+        return moe__launch_ws(STAGE_DOWN, s, s, 0, (T + 255) / 256, stream, groups);
     if (kern_gemm_fp8_perm(W->rows, groups, T))
         return T >= 96 ? launch_wg<STAGE_DOWN, 128>(s, s, 0, (T + 127) / 128, stream, groups)
                        : launch_wg<STAGE_DOWN, 64>(s, s, 0, (T + 63) / 64, stream, groups);
