@@ -103,6 +103,9 @@ __device__ __forceinline__ void cp_async16(void *dst, const void *src, int bytes
  * SwiGLU times the routing weight -> h in BF16. GEMM2: -> y in FP32 (routed: by slot).
  * meta (shared memory, may be NULL): per token j of the tile, x = its output row (GEMM2) and
  * y = the bits of its routing weight (GEMM1), instead of two dependent global loads each.
+ * Used by moe_gemm_ws.cu. The mma.sync and register-A kernels (moe_nvfp4.cu) keep the same
+ * arithmetic inline: calling this changed moe_gemm_wg's schedule and cost 12 % there
+ * (kernels/cuda/RESULTS.md, eighth session).
  */
 template <int STAGE, int NG>
 __device__ __forceinline__ void moe__epilogue(const gemm_args &a, const float *acc, bool routed,

@@ -9,8 +9,8 @@
  *     swizzle); stages the tile's activation rows (gathered by token for GEMM1, in the perm64
  *     order of the wgmma paths) with cp.async as the B tile.
  *   warpgroups 1 and 2, the consumers: only wgmma, 64 weight rows each x N tokens (N = the
- *     tile's token count rounded up to 32, one instantiation per N), then the epilogue of the
- *     other paths (SwiGLU and routing weight -> h, or y).
+ *     tile's token count rounded up to 32, one instantiation per N), then moe__epilogue (the
+ *     other paths' arithmetic: SwiGLU and routing weight -> h, or y).
  * Stages: a ring of WS_STAGES (A 16 KB, B 32 KB) with two mbarriers each: `full` (the 128
  * producer threads arrive once their part of the stage is written and fenced for the async
  * proxy) and `empty` (the 256 consumer threads arrive once the wgmmas that read it are done).
