@@ -27,8 +27,9 @@ __device__ __forceinline__ void x_to_bf16(const float *__restrict__ x, int t0, i
 
 /*
  * Small T: two warps per expert (each over half of d, all of a lane's weight loads issued
- * before the first use), 4 experts and 8 tokens per block; W read once per 8 tokens.
+ * before the first use), 4 experts and TT <= 8 tokens per block; W read once per TT tokens.
  */
+template <int TT>
 __global__ void __launch_bounds__(256)
     moe_logits_warp(const float *__restrict__ x,                     /* (T, d) */
                     const uint16_t *__restrict__ W,                  /* (E, d) */
@@ -37,15 +38,15 @@ __global__ void __launch_bounds__(256)
 {
     kern__pdl_wait();
     kern__pdl_launch();
-    __shared__ float part[4][8];
-    if (xb && blockIdx.x == 0) /* the BF16 copy of this block's 8 rows for the experts */
-        x_to_bf16(x, blockIdx.y * 8, min(8, T - (int)blockIdx.y * 8), d, xb);
+    __shared__ float part[4][TT];
+    if (xb && blockIdx.x == 0) /* the BF16 copy of this block's rows for the experts */
+        x_to_bf16(x, blockIdx.y * TT, min(TT, T - (int)blockIdx.y * TT), d, xb);
     const int wi = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int el = wi >> 1, half = wi & 1, e = blockIdx.x * 4 + el;
-    const int t0 = blockIdx.y * 8;
-    float acc[8];
+    const int t0 = blockIdx.y * TT;
+    float acc[TT];
 #pragma unroll
-    for (int i = 0; i < 8; i++)
+    for (int i = 0; i < TT; i++)
         acc[i] = 0.0f;
     const int n8 = d / 16; /* uint4 (8 BF16) per half row; d % 256 == 0 */
     const uint4 *wr = (const uint4 *)(W + (size_t)e * d) + half * n8;
@@ -56,11 +57,14 @@ __global__ void __launch_bounds__(256)
             int k8 = base + u * 32 + lane;
             wv[u] = (e < E && k8 < n8) ? __ldg(wr + k8) : make_uint4(0, 0, 0, 0);
         }
+        /* no early exits below: every x load is independent of the others, so they are all
+         * issued together (rows past T and columns past d read a valid element, discarded);
+         * with a break per token they were issued token by token (bench_moe_gpu, H100, 4 runs
+         * each, layer us: Flash T = 4 / 16 154.9 / 446.5 -> 153.1 / 444.0, Pro 354.9 /
+         * 1089.3 -> 351.9 / 1084.1, T = 1 unchanged) */
 #pragma unroll
         for (int u = 0; u < 8; u++) {
-            int k8 = base + u * 32 + lane;
-            if (k8 >= n8)
-                break;
+            const int k8 = base + u * 32 + lane, k8c = min(k8, n8 - 1);
             float wf[8];
             uint32_t uu[4] = {wv[u].x, wv[u].y, wv[u].z, wv[u].w};
 #pragma unroll
@@ -69,19 +73,20 @@ __global__ void __launch_bounds__(256)
                 wf[2 * i + 1] = __uint_as_float(uu[i] & 0xffff0000u);
             }
 #pragma unroll
-            for (int t = 0; t < 8; t++) {
-                if (t0 + t >= T)
-                    break;
+            for (int t = 0; t < TT; t++) {
                 const float4 *xr =
-                    (const float4 *)(x + (size_t)(t0 + t) * d + (size_t)half * n8 * 8) + 2 * k8;
+                    (const float4 *)(x + (size_t)min(t0 + t, T - 1) * d + (size_t)half * n8 * 8) +
+                    2 * k8c;
                 float4 a = __ldg(xr), b = __ldg(xr + 1);
-                acc[t] += wf[0] * a.x + wf[1] * a.y + wf[2] * a.z + wf[3] * a.w + wf[4] * b.x +
+                float s = wf[0] * a.x + wf[1] * a.y + wf[2] * a.z + wf[3] * a.w + wf[4] * b.x +
                           wf[5] * b.y + wf[6] * b.z + wf[7] * b.w;
+                if (k8 < n8)
+                    acc[t] += s;
             }
         }
     }
 #pragma unroll
-    for (int t = 0; t < 8; t++) {
+    for (int t = 0; t < TT; t++) {
         float v = acc[t];
 #pragma unroll
         for (int o = 16; o; o >>= 1)
@@ -90,12 +95,12 @@ __global__ void __launch_bounds__(256)
     }
     if (half == 1 && lane == 0)
 #pragma unroll
-        for (int t = 0; t < 8; t++)
+        for (int t = 0; t < TT; t++)
             part[el][t] = acc[t];
     __syncthreads();
     if (half == 0 && lane == 0 && e < E)
 #pragma unroll
-        for (int t = 0; t < 8; t++)
+        for (int t = 0; t < TT; t++)
             if (t0 + t < T)
                 logits[(size_t)(t0 + t) * E + e] = acc[t] + part[el][t];
 }
@@ -195,10 +200,14 @@ int moe__logits(const struct kern_moe_layer *L, const float *x, int T, float *lo
      * xb, written per tile), else 32 (bench_moe_gpu, H100, Flash layer at T = 64 / 256 / 8192:
      * 1056 / 1769 / 8829 us with the CUDA-core kernels, 1045 / 1561 / 8680 with these) */
     int r;
-    if (T <= 32)
-        r = kern__launch(moe_logits_warp, dim3((L->E + 3) / 4, (T + 7) / 8), 256, 0, st, 1, x,
-                         L->gate_w, T, L->d, L->E, logits, xb);
-    else if (xb || T <= 256)
+    if (T <= 32) { /* TT = the block's tokens (its x loads, all in flight at once) */
+        void (*k)(const float *, const uint16_t *, int, int, int, float *, __nv_bfloat16 *) =
+            T == 1 ? moe_logits_warp<1>
+                   : (T == 2 ? moe_logits_warp<2>
+                             : (T <= 4 ? moe_logits_warp<4> : moe_logits_warp<8>));
+        r = kern__launch(k, dim3((L->E + 3) / 4, (T + 7) / 8), 256, 0, st, 1, x, L->gate_w, T, L->d,
+                         L->E, logits, xb);
+    } else if (xb || T <= 256)
         r = kern__launch(moe_logits_mma<1>, dim3(L->E / 16, (T + 7) / 8), 256, 0, st, 1, x,
                          L->gate_w, T, L->d, L->E, logits, xb);
     else
