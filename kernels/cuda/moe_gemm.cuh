@@ -1,7 +1,7 @@
 /*
  * moe_gemm.cuh - what the MoE GEMM kernels share (moe_nvfp4.cu: mma.sync and register-A wgmma;
  * moe_gemm_ws.cu: warp-specialised wgmma): the launch arguments, the NVFP4 / FP8 weight decoders
- * (kernels.h describes the packed layouts) and the epilogues. Internal to kernels/cuda.
+ * (kernels.h describes the packed layouts). Internal to kernels/cuda.
  */
 #ifndef DSV4_KERNELS_CUDA_MOE_GEMM_CUH
 #define DSV4_KERNELS_CUDA_MOE_GEMM_CUH
@@ -93,62 +93,6 @@ __device__ __forceinline__ void cp_async16(void *dst, const void *src, int bytes
                      (uint32_t)__cvta_generic_to_shared(dst)),
                  "l"(src), "r"(bytes)
                  : "memory");
-}
-
-/*
- * Epilogue of one warp's 16 weight rows (16-row block rb) x NG token groups of 8: acc[4n + i]
- * is the mma.m16n8k16 C fragment of group n (rows g, g+8; tokens 2c, 2c+1), which is also the
- * wgmma m64nN accumulator of the warp. GEMM1: rows g / g+8 are the gate / up rows of channel
- * 8 rb + g (placed at perm64 of it when `perm`: the wgmma paths' activation order); clamped
- * SwiGLU times the routing weight -> h in BF16. GEMM2: -> y in FP32 (routed: by slot).
- * meta (shared memory, may be NULL): per token j of the tile, x = its output row (GEMM2) and
- * y = the bits of its routing weight (GEMM1), instead of two dependent global loads each.
- * Used by moe_gemm_ws.cu. The mma.sync and register-A kernels (moe_nvfp4.cu) keep the same
- * arithmetic inline: calling this changed moe_gemm_wg's schedule and cost 12 % there
- * (kernels/cuda/RESULTS.md, eighth session).
- */
-template <int STAGE, int NG>
-__device__ __forceinline__ void moe__epilogue(const gemm_args &a, const float *acc, bool routed,
-                                              int e, int rb, int lane, int start, int cnt,
-                                              bool perm, const int2 *meta = NULL)
-{
-    const int g = lane >> 2, c = lane & 3;
-    if (STAGE == STAGE_GATEUP) {
-        const int I = a.N / 2, ch = perm ? perm64(rb * 8 + g) : rb * 8 + g;
-        const float ag = routed ? a.alpha[2 * e] : a.alpha_c0;
-        const float au = routed ? a.alpha[2 * e + 1] : a.alpha_c1;
-        const float L = a.limit;
-#pragma unroll
-        for (int n = 0; n < NG; n++)
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                int j = n * 8 + 2 * c + h;
-                if (j >= cnt)
-                    continue;
-                int pos = start + j;
-                float wr =
-                    meta ? __int_as_float(meta[j].y) : (routed ? a.route_w[a.sorted[pos]] : 1.0f);
-                float gv = fminf(acc[4 * n + h] * ag, L);
-                float uv = fminf(fmaxf(acc[4 * n + 2 + h] * au, -L), L);
-                float hv = wr * (gv / (1.0f + expf(-gv))) * uv;
-                a.hout[(size_t)pos * I + ch] = __float2bfloat16_rn(hv);
-            }
-    } else {
-        const int o0 = rb * 16 + g;
-        const float al = routed ? a.alpha[e] : a.alpha_c0;
-#pragma unroll
-        for (int n = 0; n < NG; n++)
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                int j = n * 8 + 2 * c + h;
-                if (j >= cnt)
-                    continue;
-                int pos = start + j;
-                int dst = meta ? meta[j].x : (routed ? a.sorted[pos] : pos);
-                a.yout[(size_t)dst * a.ldout + o0] = acc[4 * n + h] * al;
-                a.yout[(size_t)dst * a.ldout + o0 + 8] = acc[4 * n + 2 + h] * al;
-            }
-    }
 }
 
 /* The warp-specialised wgmma GEMM (moe_gemm_ws.cu): grid (a.N / 128, rt_tiles + sh_tiles, groups),

@@ -9,7 +9,7 @@
  *     swizzle); stages the tile's activation rows (gathered by token for GEMM1, in the perm64
  *     order of the wgmma paths) with cp.async as the B tile.
  *   warpgroups 1 and 2, the consumers: only wgmma, 64 weight rows each x N tokens (N = the
- *     tile's token count rounded up to 32, one instantiation per N), then moe__epilogue (the
+ *     tile's token count rounded up to 32, one instantiation per N), then ws_epilogue (the
  *     other paths' arithmetic: SwiGLU and routing weight -> h, or y).
  * Stages: a ring of WS_STAGES (A 16 KB, B 32 KB) with two mbarriers each: `full` (the 128
  * producer threads arrive once their part of the stage is written and fenced for the async
@@ -216,6 +216,58 @@ __device__ __forceinline__ void ws_produce(const gemm_args &a, int e, int start,
     asm volatile("cp.async.wait_group 0;\n" ::: "memory");
 }
 
+/*
+ * Epilogue of one consumer warp's 16 weight rows (16-row block rb) x NG token groups of 8:
+ * acc[4n + i] is the wgmma m64nN accumulator of the warp, laid out as the mma.m16n8k16 C
+ * fragment of group n (rows g, g+8; tokens 2c, 2c+1). GEMM1: rows g / g+8 are the gate / up
+ * rows of channel 8 rb + g, placed at perm64 of it (the wgmma paths' activation order);
+ * clamped SwiGLU times the routing weight -> h in BF16. GEMM2: -> y in FP32 (routed: by slot).
+ * meta (shared memory): per token j of the tile, x = its output row (GEMM2) and y = the bits of
+ * its routing weight (GEMM1). The mma.sync and register-A kernels (moe_nvfp4.cu) keep the same
+ * arithmetic inline: sharing one function changed moe_gemm_wg's schedule and cost 12 % there
+ * (kernels/cuda/RESULTS.md, eighth session).
+ */
+template <int STAGE, int NG>
+__device__ __forceinline__ void ws_epilogue(const gemm_args &a, const float *acc, bool routed,
+                                            int e, int rb, int lane, int start, int cnt,
+                                            const int2 *meta)
+{
+    const int g = lane >> 2, c = lane & 3;
+    if (STAGE == STAGE_GATEUP) {
+        const int I = a.N / 2, ch = perm64(rb * 8 + g);
+        const float ag = routed ? a.alpha[2 * e] : a.alpha_c0;
+        const float au = routed ? a.alpha[2 * e + 1] : a.alpha_c1;
+        const float L = a.limit;
+#pragma unroll
+        for (int n = 0; n < NG; n++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                int j = n * 8 + 2 * c + h;
+                if (j >= cnt)
+                    continue;
+                float wr = __int_as_float(meta[j].y);
+                float gv = fminf(acc[4 * n + h] * ag, L);
+                float uv = fminf(fmaxf(acc[4 * n + 2 + h] * au, -L), L);
+                float hv = wr * (gv / (1.0f + expf(-gv))) * uv;
+                a.hout[(size_t)(start + j) * I + ch] = __float2bfloat16_rn(hv);
+            }
+    } else {
+        const int o0 = rb * 16 + g;
+        const float al = routed ? a.alpha[e] : a.alpha_c0;
+#pragma unroll
+        for (int n = 0; n < NG; n++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                int j = n * 8 + 2 * c + h;
+                if (j >= cnt)
+                    continue;
+                int dst = meta[j].x;
+                a.yout[(size_t)dst * a.ldout + o0] = acc[4 * n + h] * al;
+                a.yout[(size_t)dst * a.ldout + o0 + 8] = acc[4 * n + 2 + h] * al;
+            }
+    }
+}
+
 template <int STAGE, int N>
 __device__ __forceinline__ void ws_consume(const gemm_args &a, bool routed, int e, int start,
                                            int cnt, char *smem, uint64_t *full, uint64_t *empty,
@@ -244,7 +296,7 @@ __device__ __forceinline__ void ws_consume(const gemm_args &a, bool routed, int 
     }
     kern__wgmma_wait<0>();
     const int rb = blockIdx.x * (WS_BM / 16) + 4 * wg + warp;
-    moe__epilogue<STAGE, N / 8>(a, acc, routed, e, rb, lane, start, cnt, true, meta);
+    ws_epilogue<STAGE, N / 8>(a, acc, routed, e, rb, lane, start, cnt, meta);
 }
 
 template <int STAGE, int WF>
@@ -266,7 +318,7 @@ __device__ __forceinline__ void ws_body(const gemm_args &a, int tile, char *smem
         cnt = min(WS_BT, a.T - start);
     }
     uint64_t *full = (uint64_t *)(smem + WS_STAGES * WS_STAGE_BYTES), *empty = full + WS_STAGES;
-    int2 *meta = (int2 *)(empty + WS_STAGES); /* [WS_BT]: see moe__epilogue */
+    int2 *meta = (int2 *)(empty + WS_STAGES); /* [WS_BT]: see ws_epilogue */
     if (threadIdx.x == 0)
         for (int s = 0; s < WS_STAGES; s++) {
             kern__mbar_init(&full[s], 128);
