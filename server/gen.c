@@ -150,6 +150,16 @@ static const char *token_text(void *ud, int32_t id, size_t *len)
     return tok_id_bytes(ud, id, len);
 }
 
+/* token_text as the completion's text has it with skip_special_tokens: special tokens are "" */
+static const char *token_text_skip(void *ud, int32_t id, size_t *len)
+{
+    if (tok_id_kind(ud, id) == 2) {
+        *len = 0;
+        return "";
+    }
+    return tok_id_bytes(ud, id, len);
+}
+
 static int out_add(struct gen *g, const char *s, size_t n)
 {
     if (g->out.len - g->out_off + n > GEN_MAX_BACKLOG)
@@ -297,9 +307,10 @@ static void on_token(struct gen *g, struct gen_choice *c, const struct engine_ev
         json_t *lp = NULL;
         if (want_lp) {
             lp = q->stream ? api_logprobs_completion_new() : c->lp;
-            if (!lp || api_logprobs_completion_add(lp, token_text, s->tok, ev->token,
-                                                   &ev->logprob, ev->top, n_top,
-                                                   c->text_offset) < 0)
+            /* the tokens' strings as the text has them (it drops special tokens when asked) */
+            api_token_text_fn fn = q->skip_special_tokens ? token_text_skip : token_text;
+            if (!lp || api_logprobs_completion_add(lp, fn, s->tok, ev->token, &ev->logprob,
+                                                   ev->top, n_top, c->text_offset) < 0)
                 rc = ERR_NOMEM;
         }
         c->text_offset += (long)tlen;

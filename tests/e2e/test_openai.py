@@ -113,6 +113,25 @@ def test_completion_logprobs(client, model):
     assert "".join(lp.tokens) == r.choices[0].text or "\ufffd" in "".join(lp.tokens)
 
 
+def test_completion_logprobs_special_tokens(client, model):
+    # a special token that the text drops (skip_special_tokens, the default) is "" in the
+    # logprobs too, so the tokens still add up to the text; kept, it is its own string in both
+    import json
+    import os
+    with open(os.environ["DSV4D_TOKENIZER"], encoding="utf-8") as f:
+        added = json.load(f)["added_tokens"]
+    sp = next(t for t in added if t["special"] and "place_holder" in t["content"])
+    force = {"model": model, "prompt": PROMPT, "max_tokens": 3, "logprobs": 2, "temperature": 0,
+             "logit_bias": {str(sp["id"]): 100}}
+    r = client.completions.create(**force)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == "" and lp.tokens == ["", "", ""] and lp.text_offset == [0, 0, 0]
+    r = client.completions.create(**force, extra_body={"skip_special_tokens": False})
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == sp["content"] * 3 and lp.tokens == [sp["content"]] * 3
+    assert lp.text_offset == [0, len(sp["content"]), 2 * len(sp["content"])]
+
+
 def test_chat_non_stream_and_stream(client, model):
     full = client.chat.completions.create(model=model, messages=MSGS, max_tokens=6,
                                           temperature=0, extra_body=NO_THINK)
