@@ -36,10 +36,12 @@ struct kern_blas;   /* a cuBLAS handle bound to a stream and a workspace (linear
  * and k-blocks of 64 cols, in the order the kernel's mma.sync.m16n8k16 A fragments want:
  *   data   [rows/16][cols/64][32 lanes][16 B]: lane = 4*g + c holds the 16 elements
  *          cols 16c..16c+15 (one NVFP4 group) of rows g and g+8 of the block, as 4 words;
- *          word s holds the 8 codes of mma k-step s (nibbles n0..n7 from the low end):
- *          n3,n7 = row g elements 4s,4s+1; n2,n6 = row g+8 elements 4s,4s+1;
- *          n1,n5 = row g elements 4s+2,4s+3; n0,n4 = row g+8 elements 4s+2,4s+3.
- *          (The kernel turns nibble pairs into BF16 pairs with two bit operations.)
+ *          word s holds the 8 codes of mma k-step s, the bits of each code scattered so
+ *          that the kernel decodes a BF16 pair in one to three operations: pair r (0: row g
+ *          elements 4s, 4s+1; 1: row g+8, same; 2: row g, 4s+2, 4s+3; 3: row g+8, same) puts
+ *          the bits m, e0, e1, sign of its first / second code at word bits
+ *          r0: 6 7 8 15 / 22 23 24 31;  r1: 9 10 11 18 / 25 26 27 2;
+ *          r2: 12 13 14 21 / 28 29 30 5; r3: 4 0 1 3 / 20 16 17 19.
  *   scales [rows/16][cols/256][32 lanes][8 B]: byte 2*b + h = the block scale of group c of
  *          k-block b (of the 4 in this 256-col chunk) for row g (h = 0) or g+8 (h = 1), in a
  *          kernel encoding "UE5M3" = ((exp + 10) << 3) | mant3 of the exact E4M3 value

@@ -60,6 +60,20 @@ static inline unsigned code_at(const uint8_t *q, const uint8_t *s, int e)
 }
 
 /*
+ * Where the 4 bits (m, e0, e1, sign from bit 0 up) of each code of a data word go, by A fragment
+ * register r (0: row g elements 4s, 4s+1; 1: row g+8, same; 2: row g, 4s+2, 4s+3; 3: row g+8,
+ * same) and half h (the first or second element of the pair). Chosen so that the kernel's decode
+ * (moe_gemm.cuh dequant_nvfp4) needs one mask for register 0, a rotation and a mask for
+ * registers 1 and 2, and a mask, a multiply and a mask for register 3.
+ */
+static const uint8_t nvfp4_bitpos[4][2][4] = {
+    {{6, 7, 8, 15}, {22, 23, 24, 31}},
+    {{9, 10, 11, 18}, {25, 26, 27, 2}},
+    {{12, 13, 14, 21}, {28, 29, 30, 5}},
+    {{4, 0, 1, 3}, {20, 16, 17, 19}},
+};
+
+/*
  * Pack 16-row block rb whose rows g and g+8 come from canonical rows (qlo[g], slo[g]) and
  * (qhi[g], shi[g]).
  */
@@ -73,19 +87,15 @@ static void pack_block(const uint8_t *const *qlo, const uint8_t *const *slo,
             const int g = lane >> 2, c = lane & 3, e0 = kb * 64 + 16 * c;
             uint8_t *dst = data + (((size_t)rb * nkb + kb) * 32 + lane) * 16;
             for (int s = 0; s < 4; s++) {
-                const uint8_t *q0 = qlo[g], *s0 = slo[g], *q1 = qhi[g], *s1 = shi[g];
-                unsigned n[8];
-                n[3] = code_at(q0, s0, e0 + 4 * s);
-                n[7] = code_at(q0, s0, e0 + 4 * s + 1);
-                n[2] = code_at(q1, s1, e0 + 4 * s);
-                n[6] = code_at(q1, s1, e0 + 4 * s + 1);
-                n[1] = code_at(q0, s0, e0 + 4 * s + 2);
-                n[5] = code_at(q0, s0, e0 + 4 * s + 3);
-                n[0] = code_at(q1, s1, e0 + 4 * s + 2);
-                n[4] = code_at(q1, s1, e0 + 4 * s + 3);
                 uint32_t w = 0;
-                for (int k = 0; k < 8; k++)
-                    w |= (uint32_t)n[k] << (4 * k);
+                for (int r = 0; r < 4; r++)
+                    for (int h = 0; h < 2; h++) {
+                        const int e = e0 + 4 * s + 2 * (r >> 1) + h;
+                        unsigned code =
+                            (r & 1) ? code_at(qhi[g], shi[g], e) : code_at(qlo[g], slo[g], e);
+                        for (int b = 0; b < 4; b++)
+                            w |= (uint32_t)((code >> b) & 1) << nvfp4_bitpos[r][h][b];
+                    }
                 memcpy(dst + 4 * s, &w, 4); /* little endian, as the device reads it */
             }
             uint8_t *sd = scales + (((size_t)rb * (cols / 256) + kb / 4) * 32 + lane) * 8;
@@ -148,10 +158,11 @@ void kern_nvfp4_unpack_at(const uint8_t *data, const uint8_t *scales, int rows, 
     const int lane = 4 * g + cc / 16, i = cc % 16, s = i / 4, j = i % 4;
     uint32_t w;
     memcpy(&w, data + (((size_t)rb * (cols / 64) + kb) * 32 + lane) * 16 + 4 * s, 4);
-    /* j: 0 -> n3/n2, 1 -> n7/n6, 2 -> n1/n0, 3 -> n5/n4 (row g / row g+8) */
-    static const int nib_lo[4] = {3, 7, 1, 5}, nib_hi[4] = {2, 6, 0, 4};
-    int k = hi ? nib_hi[j] : nib_lo[j];
-    *code = (uint8_t)((w >> (4 * k)) & 15);
+    const int reg = 2 * (j >> 1) + hi, h = j & 1;
+    unsigned bits = 0;
+    for (int b = 0; b < 4; b++)
+        bits |= ((w >> nvfp4_bitpos[reg][h][b]) & 1u) << b;
+    *code = (uint8_t)bits;
     uint8_t ks = scales[(((size_t)rb * (cols / 256) + kb / 4) * 32 + lane) * 8 + 2 * (kb % 4) + hi];
     if (!ks) {
         *scale_e4m3 = 0;

@@ -49,15 +49,18 @@ __device__ __forceinline__ gemm_args group_args(const gemm_args &a, unsigned z)
     return g;
 }
 
-/* NVFP4 code word (8 nibbles, kernels.h order) + two scale bytes -> one A fragment. */
+/* NVFP4 code word (kernels.h layout) + two scale bytes -> one A fragment. Each register's codes
+ * land with e1 e0 m on BF16 bits 8..6 and the sign on bit 15 (of each half), i.e. the BF16 of
+ * value * 2^-126 exactly: a mask (register 0), a rotation and a mask (1, 2), or a mask, a
+ * multiply that moves three bit groups at once and a mask (3). */
 __device__ __forceinline__ void dequant_nvfp4(uint32_t q, uint32_t sg, uint32_t sg8,
                                               uint32_t (&a)[4])
 {
-    uint32_t q4 = q << 4, q8 = q << 8, q12 = q << 12;
-    a[0] = kern__bf16x2_mul((q & 0x80008000u) | ((q & 0x70007000u) >> 6), sg);
-    a[1] = kern__bf16x2_mul((q4 & 0x80008000u) | ((q4 & 0x70007000u) >> 6), sg8);
-    a[2] = kern__bf16x2_mul((q8 & 0x80008000u) | ((q8 & 0x70007000u) >> 6), sg);
-    a[3] = kern__bf16x2_mul((q12 & 0x80008000u) | ((q12 & 0x70007000u) >> 6), sg8);
+    constexpr uint32_t M = 0x81c081c0u;
+    a[0] = kern__bf16x2_mul(q & M, sg);
+    a[1] = kern__bf16x2_mul(__funnelshift_r(q, q, 3) & M, sg8);
+    a[2] = kern__bf16x2_mul(__funnelshift_r(q, q, 6) & M, sg);
+    a[3] = kern__bf16x2_mul(((q & 0x001b001bu) * 0x1084u) & M, sg8);
 }
 
 /* "UE5M3" scale byte -> BF16 of (scale * 2^118), broadcast to both halves. */
