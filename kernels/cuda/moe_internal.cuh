@@ -72,25 +72,45 @@ __device__ __forceinline__ void moe__topk_token(int t, int lane, const float *__
                                                 const int32_t *__restrict__ tid2eid, int vocab,
                                                 const int32_t *__restrict__ tokens,
                                                 float route_scale, int32_t *__restrict__ idx,
-                                                float *__restrict__ w)
+                                                float *__restrict__ w, int32_t *sidx = nullptr)
 {
     const float *lg = logits + (size_t)t * E;
     int my_id = -1; /* lane j < K ends holding slot j's expert */
+    float s = 0.0f; /* lane j < K: sqrt(softplus) of slot j's logit */
+    /* the token id, the logits (and the bias) are loaded together: each memory latency here
+     * is on the layer's critical path */
+    const int per = E / 32;
+    float sp[MOE_MAX_EPL], v[MOE_MAX_EPL];
+#pragma unroll
+    for (int i = 0; i < MOE_MAX_EPL; i++)
+        if (i < per) {
+            sp[i] = lg[lane + 32 * i];
+            v[i] = tid2eid ? 0.0f : bias[lane + 32 * i];
+        }
     if (tid2eid) {
         int tok = tokens ? tokens[t] : -1;
         if (lane < K && tok >= 0 && tok < vocab) {
             int e = tid2eid[(size_t)tok * K + lane];
             my_id = (e >= 0 && e < E) ? e : -1;
         }
-    } else if (!tokens || tokens[t] >= 0) { /* token id < 0: a padding row, no expert */
-        const int per = E / 32;
-        float v[MOE_MAX_EPL];
+        /* the logit of my_id, held by lane my_id % 32 at index my_id / 32 */
+        const int src = my_id >= 0 ? my_id & 31 : 0, at = my_id >= 0 ? my_id >> 5 : -1;
 #pragma unroll
         for (int i = 0; i < MOE_MAX_EPL; i++)
-            v[i] =
-                i < per ? moe__sqrt_softplus(lg[lane + 32 * i]) + bias[lane + 32 * i] : -INFINITY;
+            if (i < per) {
+                float o = __shfl_sync(0xffffffffu, sp[i], src);
+                if (i == at)
+                    s = moe__sqrt_softplus(o);
+            }
+    } else {
+        const int tok = tokens ? tokens[t] : 0;
+#pragma unroll
+        for (int i = 0; i < MOE_MAX_EPL; i++) {
+            sp[i] = i < per ? moe__sqrt_softplus(sp[i]) : 0.0f;
+            v[i] = i < per ? sp[i] + v[i] : -INFINITY;
+        }
         uint32_t taken = 0;
-        for (int j = 0; j < K; j++) {
+        for (int j = 0; j < K && tok >= 0; j++) { /* token id < 0: a padding row, no expert */
             float bv = -INFINITY;
             int be = 0x7fffffff;
 #pragma unroll
@@ -110,19 +130,29 @@ __device__ __forceinline__ void moe__topk_token(int t, int lane, const float *__
                     be = oe;
                 }
             }
+            /* be is the same on every lane: its sqrt(softplus) from the lane that holds it */
+            float bs = 0.0f;
+#pragma unroll
+            for (int i = 0; i < MOE_MAX_EPL; i++)
+                if (i == (be >> 5))
+                    bs = sp[i];
+            bs = __shfl_sync(0xffffffffu, bs, be & 31);
             if ((be & 31) == lane)
                 taken |= 1u << (be >> 5);
-            if (lane == j)
+            if (lane == j) {
                 my_id = be;
+                s = bs;
+            }
         }
     }
-    float s = my_id >= 0 ? moe__sqrt_softplus(lg[my_id]) : 0.0f;
     /* the sum in slot order on every lane, as the CPU reference sums */
     float sum = 0.0f;
     for (int j = 0; j < K; j++)
         sum += __shfl_sync(0xffffffffu, s, j);
     if (lane < K) {
         idx[(size_t)t * K + lane] = my_id;
+        if (sidx) /* a copy for the caller's block (shared memory) */
+            sidx[t * K + lane] = my_id;
         w[(size_t)t * K + lane] = (my_id >= 0 && sum > 0.0f) ? s / sum * route_scale : 0.0f;
     }
 }

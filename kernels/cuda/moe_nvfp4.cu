@@ -45,9 +45,10 @@ __device__ __forceinline__ void gemm_body(const gemm_args &a, int tile, float *r
     }
     int e = 0, start, cnt;
     if (routed) {
-        if (tile >= *a.ntiles)
+        /* both loads in flight together: the tile bound of the grid is the list's length */
+        const int4 tl = a.tiles[tile];
+        if ((tile >= *a.ntiles) | (tl.z <= 0)) /* (a listed tile has cnt >= 1) */
             return;
-        int4 tl = a.tiles[tile];
         e = tl.x;
         start = tl.y;
         cnt = tl.z;
@@ -327,9 +328,10 @@ __device__ __forceinline__ void wg_body(const gemm_args &a, int tile, char *smem
     }
     int e = 0, start, cnt;
     if (routed) {
-        if (tile >= *a.ntiles)
+        /* both loads in flight together: the tile bound of the grid is the list's length */
+        const int4 tl = a.tiles[tile];
+        if ((tile >= *a.ntiles) | (tl.z <= 0)) /* (a listed tile has cnt >= 1) */
             return;
-        int4 tl = a.tiles[tile];
         e = tl.x;
         start = tl.y;
         cnt = tl.z;
@@ -615,17 +617,19 @@ __global__ void __launch_bounds__(MOE_GROUP_THREADS)
     }
     kern__pdl_wait();
     kern__pdl_launch();
+    extern __shared__ int sm[]; /* cnt[E], fill[E], off[E], (rt.logits) the ids [TK] */
+    __shared__ int scan_tmp[33];
+    int *cnt = sm, *fill = sm + E, *off = sm + 2 * E;
     if (rt.logits) {
+        /* the ids go to global memory for the later kernels and to shared memory for the
+         * grouping below: under a GEMM streaming beside it, each round trip to L2 here costs
+         * microseconds on the layer's critical path */
         const int K = TK / rt.T;
         for (int t = threadIdx.x >> 5; t < rt.T; t += blockDim.x >> 5)
             moe__topk_token(t, threadIdx.x & 31, rt.logits, E, K, rt.bias, rt.tid2eid, rt.vocab,
-                            rt.tokens, rt.route_scale, rt.idx, rt.w);
-        __threadfence_block();
-        __syncthreads();
+                            rt.tokens, rt.route_scale, rt.idx, rt.w, sm + 3 * E);
+        idx = sm + 3 * E;
     }
-    extern __shared__ int sm[]; /* cnt[E], fill[E], off[E] */
-    __shared__ int scan_tmp[33];
-    int *cnt = sm, *fill = sm + E, *off = sm + 2 * E;
     const int tid = threadIdx.x;
     for (int e = tid; e < E; e += blockDim.x)
         cnt[e] = fill[e] = 0;
@@ -850,8 +854,9 @@ static int moe_experts_ws(const struct kern_moe_layer *L, const float *x, const 
     size_t n4 = xb_ready ? 0 : (size_t)T * d / 4;
     unsigned conv = (unsigned)((n4 + MOE_GROUP_THREADS - 1) / MOE_GROUP_THREADS);
     conv = conv < 64 ? conv : 64;
-    if ((rc = kern__launch(moe_prep, dim3(1 + conv), dim3(MOE_GROUP_THREADS), sizeof(int) * 3 * E,
-                           st, pdl_first, (const int32_t *)idx, T * K, E, BT, ws->sorted, ws->tiles,
+    const size_t prep_smem = sizeof(int) * (3 * (size_t)E + (rt.logits ? (size_t)T * K : 0));
+    if ((rc = kern__launch(moe_prep, dim3(1 + conv), dim3(MOE_GROUP_THREADS), prep_smem, st,
+                           pdl_first, (const int32_t *)idx, T * K, E, BT, ws->sorted, ws->tiles,
                            ws->ntiles, x, ws->xb, n4, wg, rt)))
         return rc;
 
