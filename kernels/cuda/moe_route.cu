@@ -13,11 +13,14 @@
 
 /* ---- logits ---- */
 
-/* xb rows t0 .. t0 + nt = x's in BF16 (the experts' input for small T), by the whole block. */
+/* xb rows t0 .. t0 + nt = x's in BF16 (the experts' input for small T), shared by the blocks
+ * of one grid row (this one does every gridDim.x-th 4-column piece): on one block alone, its
+ * serial loop had set the kernel's length (Flash T = 4: ~16 rounds of memory latency). */
 __device__ __forceinline__ void x_to_bf16(const float *__restrict__ x, int t0, int nt, int d,
                                           __nv_bfloat16 *__restrict__ xb)
 {
-    for (int i = threadIdx.x; i < nt * d / 4; i += blockDim.x) {
+    const int n = nt * d / 4, step = gridDim.x * blockDim.x;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) {
         const float4 v = __ldg((const float4 *)(x + (size_t)t0 * d) + i);
         __nv_bfloat162 *o = (__nv_bfloat162 *)(xb + (size_t)t0 * d) + 2 * i;
         o[0] = __floats2bfloat162_rn(v.x, v.y);
@@ -39,7 +42,7 @@ __global__ void __launch_bounds__(256)
     kern__pdl_wait();
     kern__pdl_launch();
     __shared__ float part[4][TT];
-    if (xb && blockIdx.x == 0) /* the BF16 copy of this block's rows for the experts */
+    if (xb) /* the BF16 copy of this grid row's tokens for the experts */
         x_to_bf16(x, blockIdx.y * TT, min(TT, T - (int)blockIdx.y * TT), d, xb);
     const int wi = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int el = wi >> 1, half = wi & 1, e = blockIdx.x * 4 + el;
@@ -125,8 +128,8 @@ __device__ __forceinline__ void split3(float x0, float x1, uint32_t &h, uint32_t
  * m16n8k16 per k-step, FP32 sums: FP32 accuracy in another summation order than the CPU's.
  * Block: 16 experts x 8 NTT tokens, 8 warps each over d / 8 (a lane's k-slots 2c, 2c+1, 2c+8,
  * 2c+9 are the columns 4c..4c+3 of a 16-column step, so A and B come in 8- and 16-byte loads);
- * the warps' sums are added in warp order (deterministic). With xb (small T), blocks of the
- * first expert tile also write their tokens' x in BF16 for the experts.
+ * the warps' sums are added in warp order (deterministic). With xb (small T), the blocks of
+ * each token group also write its x in BF16 for the experts (x_to_bf16).
  */
 template <int NTT>
 __global__ void __launch_bounds__(256)
@@ -140,7 +143,7 @@ __global__ void __launch_bounds__(256)
     __shared__ float red[7][NTT][4][32];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     const int e0 = blockIdx.x * 16, t0 = blockIdx.y * 8 * NTT;
-    if (xb && blockIdx.x == 0) /* the BF16 copy of this block's rows for the experts */
+    if (xb) /* the BF16 copy of this grid row's tokens for the experts */
         x_to_bf16(x, t0, min(8 * NTT, T - t0), d, xb);
     const int kper = d / 8, kb = warp * kper;
     const uint16_t *wa = W + (size_t)(e0 + g) * d + kb + 4 * c, *wb = wa + (size_t)8 * d;
