@@ -8,8 +8,9 @@
  *      (expert, first grouped position, count <= BT) and the grouped slot order. Slots with an
  *      id outside [0, E) (padding rows) are dropped; duplicate ids in a row are two slots.
  *   3. GEMM1 per (tile, 16-row block of w13): gate and up rows of the same 8 channels in one
- *      mma.sync m16n8k16 tile (weights = A from registers, tokens = N), NVFP4 nibbles turned
- *      into BF16 with two bit operations and scaled pre-MMA by the block scale (exact); FP32
+ *      mma.sync m16n8k16 tile (weights = A from registers, tokens = N), NVFP4 codes turned
+ *      into BF16 with one to three integer operations per pair (moe_gemm.cuh dequant_nvfp4)
+ *      and scaled pre-MMA by the block scale (exact); FP32
  *      sums times the per-matrix alpha, clamped SwiGLU, routing weight, BF16 -> h.
  *      The shared expert runs the same kernel with the FP8 decoder over all T tokens.
  *   4. GEMM2 (down) likewise, h -> y per slot (FP32).
