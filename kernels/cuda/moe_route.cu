@@ -29,8 +29,11 @@ __device__ __forceinline__ void x_to_bf16(const float *__restrict__ x, int t0, i
 }
 
 /*
- * Small T: two warps per expert (each over half of d, all of a lane's weight loads issued
- * before the first use), 4 experts and TT <= 8 tokens per block; W read once per TT tokens.
+ * Small T: one expert per block, its 8 warps each over d / 8 (all of a lane's weight loads
+ * issued before the first use: 2 (Flash) or 4 (Pro) 16-byte loads; with two warps per expert
+ * and 4 experts per block, ptxas had interleaved a lane's 8-14 weight loads with their uses,
+ * round trip after round trip), TT <= 8 tokens per block; W read once per TT tokens; the 8
+ * partial sums added in warp order.
  */
 template <int TT>
 __global__ void __launch_bounds__(256)
@@ -41,32 +44,30 @@ __global__ void __launch_bounds__(256)
 {
     kern__pdl_wait();
     kern__pdl_launch();
-    __shared__ float part[4][TT];
+    __shared__ float part[8][TT];
     if (xb) /* the BF16 copy of this grid row's tokens for the experts */
         x_to_bf16(x, blockIdx.y * TT, min(TT, T - (int)blockIdx.y * TT), d, xb);
-    const int wi = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int el = wi >> 1, half = wi & 1, e = blockIdx.x * 4 + el;
+    const int wi = threadIdx.x >> 5, lane = threadIdx.x & 31, e = blockIdx.x;
     const int t0 = blockIdx.y * TT;
     float acc[TT];
 #pragma unroll
     for (int i = 0; i < TT; i++)
         acc[i] = 0.0f;
-    const int n8 = d / 16; /* uint4 (8 BF16) per half row; d % 256 == 0 */
-    const uint4 *wr = (const uint4 *)(W + (size_t)e * d) + half * n8;
-    for (int base = 0; base < n8; base += 8 * 32) {
-        uint4 wv[8];
+    const int n8 = d / 64; /* uint4 (8 BF16) per warp's eighth of a row; d % 256 == 0 */
+    const uint4 *wr = (const uint4 *)(W + (size_t)e * d) + wi * n8;
+    const float *xw = x + (size_t)wi * n8 * 8;
+    for (int base = 0; base < n8; base += 4 * 32) {
+        uint4 wv[4];
+        /* columns past the warp's part read a valid element (discarded): no load is predicated */
 #pragma unroll
-        for (int u = 0; u < 8; u++) {
-            int k8 = base + u * 32 + lane;
-            wv[u] = (e < E && k8 < n8) ? __ldg(wr + k8) : make_uint4(0, 0, 0, 0);
-        }
-        /* no early exits below: every x load is independent of the others, so they are all
-         * issued together (rows past T and columns past d read a valid element, discarded);
-         * with a break per token they were issued token by token (bench_moe_gpu, H100, 4 runs
-         * each, layer us: Flash T = 4 / 16 154.9 / 446.5 -> 153.1 / 444.0, Pro 354.9 /
-         * 1089.3 -> 351.9 / 1084.1, T = 1 unchanged) */
+        for (int u = 0; u < 4; u++)
+            wv[u] = __ldg(wr + min(base + u * 32 + lane, n8 - 1));
+            /* no early exits below: every x load is independent of the others, so they are all
+             * issued together (rows past T read a valid row, discarded); with a break per token
+             * they were issued token by token (bench_moe_gpu, H100, 4 runs each, layer us: Flash
+             * T = 4 / 16 154.9 / 446.5 -> 153.1 / 444.0, Pro 354.9 / 1089.3 -> 351.9 / 1084.1) */
 #pragma unroll
-        for (int u = 0; u < 8; u++) {
+        for (int u = 0; u < 4; u++) {
             const int k8 = base + u * 32 + lane, k8c = min(k8, n8 - 1);
             float wf[8];
             uint32_t uu[4] = {wv[u].x, wv[u].y, wv[u].z, wv[u].w};
@@ -77,9 +78,7 @@ __global__ void __launch_bounds__(256)
             }
 #pragma unroll
             for (int t = 0; t < TT; t++) {
-                const float4 *xr =
-                    (const float4 *)(x + (size_t)min(t0 + t, T - 1) * d + (size_t)half * n8 * 8) +
-                    2 * k8c;
+                const float4 *xr = (const float4 *)(xw + (size_t)min(t0 + t, T - 1) * d) + 2 * k8c;
                 float4 a = __ldg(xr), b = __ldg(xr + 1);
                 float s = wf[0] * a.x + wf[1] * a.y + wf[2] * a.z + wf[3] * a.w + wf[4] * b.x +
                           wf[5] * b.y + wf[6] * b.z + wf[7] * b.w;
@@ -94,18 +93,18 @@ __global__ void __launch_bounds__(256)
 #pragma unroll
         for (int o = 16; o; o >>= 1)
             v += __shfl_xor_sync(0xffffffffu, v, o);
-        acc[t] = v;
+        if (lane == 0)
+            part[wi][t] = v;
     }
-    if (half == 1 && lane == 0)
-#pragma unroll
-        for (int t = 0; t < TT; t++)
-            part[el][t] = acc[t];
     __syncthreads();
-    if (half == 0 && lane == 0 && e < E)
+    if (threadIdx.x < TT && t0 + (int)threadIdx.x < T) {
+        const int t = threadIdx.x;
+        float v = part[0][t];
 #pragma unroll
-        for (int t = 0; t < TT; t++)
-            if (t0 + t < T)
-                logits[(size_t)(t0 + t) * E + e] = acc[t] + part[el][t];
+        for (int w = 1; w < 8; w++)
+            v += part[w][t];
+        logits[(size_t)(t0 + t) * E + e] = v;
+    }
 }
 
 /* x (two FP32 values) -> three BF16x2 terms hi + mid + lo that sum to x to ~24 bits. */
@@ -208,8 +207,8 @@ int moe__logits(const struct kern_moe_layer *L, const float *x, int T, float *lo
             T == 1 ? moe_logits_warp<1>
                    : (T == 2 ? moe_logits_warp<2>
                              : (T <= 4 ? moe_logits_warp<4> : moe_logits_warp<8>));
-        r = kern__launch(k, dim3((L->E + 3) / 4, (T + 7) / 8), 256, 0, st, 1, x, L->gate_w, T, L->d,
-                         L->E, logits, xb);
+        r = kern__launch(k, dim3(L->E, (T + 7) / 8), 256, 0, st, 1, x, L->gate_w, T, L->d, L->E,
+                         logits, xb);
     } else if (xb || T <= 256)
         r = kern__launch(moe_logits_mma<1>, dim3(L->E / 16, (T + 7) / 8), 256, 0, st, 1, x,
                          L->gate_w, T, L->d, L->E, logits, xb);
