@@ -66,6 +66,69 @@ __device__ __forceinline__ float moe__sqrt_softplus(float v)
 
 #define MOE_MAX_EPL 16 /* experts per lane: E <= 512 */
 
+/* v -> a key with the same order as the floats (and equal keys for equal floats: -0 becomes +0);
+ * 0 is below every key of a number, the mark of a taken or absent expert. */
+__device__ __forceinline__ uint32_t moe__order_key(float v)
+{
+    const uint32_t b = __float_as_uint(v + 0.0f);
+    return b ^ ((uint32_t)((int32_t)b >> 31) | 0x80000000u);
+}
+
+/* max (or min) of a[0 .. N) as a tree: log2(N) dependent steps */
+template <int N, bool MIN>
+__device__ __forceinline__ uint32_t moe__tree(const uint32_t *a)
+{
+    if constexpr (N == 1) {
+        return a[0];
+    } else {
+        const uint32_t l = moe__tree<N / 2, MIN>(a), r = moe__tree<N - N / 2, MIN>(a + N / 2);
+        return MIN ? min(l, r) : max(l, r);
+    }
+}
+
+/*
+ * Top-K of one token on one warp: lane l holds in sp[i] the logits of experts l + 32 i
+ * (i < per <= P), which become their sqrt(softplus), and in b[i] their biases. Round j takes the largest s + bias,
+ * the lowest expert id among equals, with two warp reductions (redux.sync: the largest key,
+ * then the lowest id that holds it) and no other dependent step; lane j < K ends with slot j's
+ * expert in my_id and its sqrt(softplus) in s. (One argmax of (value, id) pairs by five
+ * shuffle rounds per slot, as before, took ~7 us of dependent steps per token under the GEMM
+ * beside it.)
+ */
+template <int P>
+__device__ __forceinline__ void moe__topk_dense(int lane, int per, float (&sp)[MOE_MAX_EPL], const float (&b)[MOE_MAX_EPL], int K,
+                                                int &my_id, float &s)
+{
+    uint32_t key[P];
+#pragma unroll
+    for (int i = 0; i < P; i++) {
+        sp[i] = i < per ? moe__sqrt_softplus(sp[i]) : 0.0f;
+        key[i] = i < per ? moe__order_key(sp[i] + b[i]) : 0u;
+    }
+    for (int j = 0; j < K; j++) {
+        const uint32_t top = __reduce_max_sync(0xffffffffu, moe__tree<P, false>(key));
+        uint32_t c[P];
+#pragma unroll
+        for (int i = 0; i < P; i++)
+            c[i] = key[i] == top ? (uint32_t)(lane + 32 * i) : 0xffffffffu;
+        const uint32_t e = __reduce_min_sync(0xffffffffu, moe__tree<P, true>(c));
+#pragma unroll
+        for (int i = 0; i < P; i++)
+            if (e == (uint32_t)(lane + 32 * i))
+                key[i] = 0u;
+        if (lane == j)
+            my_id = (int)e;
+    }
+    /* each slot's sqrt(softplus) from the lane that holds it (off the rounds' chain) */
+    const int src = my_id >= 0 ? my_id & 31 : 0, at = my_id >= 0 ? my_id >> 5 : -1;
+#pragma unroll
+    for (int i = 0; i < P; i++) {
+        const float o = __shfl_sync(0xffffffffu, sp[i], src);
+        if (i == at)
+            s = o;
+    }
+}
+
 /* Route token t with one warp (all 32 lanes call it). */
 __device__ __forceinline__ void moe__topk_token(int t, int lane, const float *__restrict__ logits,
                                                 int E, int K, const float *__restrict__ bias,
@@ -80,15 +143,14 @@ __device__ __forceinline__ void moe__topk_token(int t, int lane, const float *__
     /* the token id, the logits (and the bias) are loaded together: each memory latency here
      * is on the layer's critical path */
     const int per = E / 32;
+    const int tok = tokens ? tokens[t] : (tid2eid ? -1 : 0); /* < 0: a padding row, no expert */
     float sp[MOE_MAX_EPL], v[MOE_MAX_EPL];
 #pragma unroll
-    for (int i = 0; i < MOE_MAX_EPL; i++)
-        if (i < per) {
-            sp[i] = lg[lane + 32 * i];
-            v[i] = tid2eid ? 0.0f : bias[lane + 32 * i];
-        }
+    for (int i = 0; i < MOE_MAX_EPL; i++) {
+        sp[i] = i < per ? lg[lane + 32 * i] : 0.0f;
+        v[i] = !tid2eid && i < per ? bias[lane + 32 * i] : 0.0f;
+    }
     if (tid2eid) {
-        int tok = tokens ? tokens[t] : -1;
         if (lane < K && tok >= 0 && tok < vocab) {
             int e = tid2eid[(size_t)tok * K + lane];
             my_id = (e >= 0 && e < E) ? e : -1;
@@ -102,48 +164,13 @@ __device__ __forceinline__ void moe__topk_token(int t, int lane, const float *__
                 if (i == at)
                     s = moe__sqrt_softplus(o);
             }
-    } else {
-        const int tok = tokens ? tokens[t] : 0;
-#pragma unroll
-        for (int i = 0; i < MOE_MAX_EPL; i++) {
-            sp[i] = i < per ? moe__sqrt_softplus(sp[i]) : 0.0f;
-            v[i] = i < per ? sp[i] + v[i] : -INFINITY;
-        }
-        uint32_t taken = 0;
-        for (int j = 0; j < K && tok >= 0; j++) { /* token id < 0: a padding row, no expert */
-            float bv = -INFINITY;
-            int be = 0x7fffffff;
-#pragma unroll
-            for (int i = 0; i < MOE_MAX_EPL; i++) {
-                int e = lane + 32 * i;
-                if (i < per && !((taken >> i) & 1) && (be == 0x7fffffff || v[i] > bv)) {
-                    bv = v[i];
-                    be = e;
-                }
-            }
-#pragma unroll
-            for (int o = 16; o; o >>= 1) {
-                float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-                int oe = __shfl_xor_sync(0xffffffffu, be, o);
-                if (oe != 0x7fffffff && (be == 0x7fffffff || ov > bv || (ov == bv && oe < be))) {
-                    bv = ov;
-                    be = oe;
-                }
-            }
-            /* be is the same on every lane: its sqrt(softplus) from the lane that holds it */
-            float bs = 0.0f;
-#pragma unroll
-            for (int i = 0; i < MOE_MAX_EPL; i++)
-                if (i == (be >> 5))
-                    bs = sp[i];
-            bs = __shfl_sync(0xffffffffu, bs, be & 31);
-            if ((be & 31) == lane)
-                taken |= 1u << (be >> 5);
-            if (lane == j) {
-                my_id = be;
-                s = bs;
-            }
-        }
+    } else if (tok >= 0) {
+        if (per <= 8) /* Flash */
+            moe__topk_dense<8>(lane, per, sp, v, K, my_id, s);
+        else if (per <= 12) /* Pro */
+            moe__topk_dense<12>(lane, per, sp, v, K, my_id, s);
+        else
+            moe__topk_dense<MOE_MAX_EPL>(lane, per, sp, v, K, my_id, s);
     }
     /* the sum in slot order on every lane, as the CPU reference sums */
     float sum = 0.0f;

@@ -675,22 +675,33 @@ __global__ void moe_combine(const float *__restrict__ yslot, /* (T*K, d) */
     if (k4 * 4 >= d)
         return;
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int j = 0; j < K; j++) {
-        int e = idx[(size_t)t * K + j];
-        if (e < 0 || e >= E)
-            continue;
-        float4 v = __ldg((const float4 *)(yslot + ((size_t)t * K + j) * d) + k4);
-        acc.x += v.x;
-        acc.y += v.y;
-        acc.z += v.z;
-        acc.w += v.w;
+    const float4 sh = ysh ? __ldg((const float4 *)(ysh + (size_t)t * d) + k4) : acc;
+    /* 8 slots at a time: their ids and outputs loaded together (one memory round trip, not
+     * one for the id and then one for the output), then added in slot order; an unused slot's
+     * row (id < 0) is read and discarded */
+    for (int j0 = 0; j0 < K; j0 += 8) {
+        int e[8];
+        float4 v[8];
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+            if (j0 + j < K) {
+                e[j] = idx[(size_t)t * K + j0 + j];
+                v[j] = __ldg((const float4 *)(yslot + ((size_t)t * K + j0 + j) * d) + k4);
+            }
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+            if (j0 + j < K && e[j] >= 0 && e[j] < E) {
+                acc.x += v[j].x;
+                acc.y += v[j].y;
+                acc.z += v[j].z;
+                acc.w += v[j].w;
+            }
     }
     if (ysh) {
-        float4 v = __ldg((const float4 *)(ysh + (size_t)t * d) + k4);
-        acc.x += v.x;
-        acc.y += v.y;
-        acc.z += v.z;
-        acc.w += v.w;
+        acc.x += sh.x;
+        acc.y += sh.y;
+        acc.z += sh.z;
+        acc.w += sh.w;
     }
     ((float4 *)(out + (size_t)t * d))[k4] = acc;
 }
