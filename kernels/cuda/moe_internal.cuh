@@ -75,8 +75,7 @@ __device__ __forceinline__ uint32_t moe__order_key(float v)
 }
 
 /* max (or min) of a[0 .. N) as a tree: log2(N) dependent steps */
-template <int N, bool MIN>
-__device__ __forceinline__ uint32_t moe__tree(const uint32_t *a)
+template <int N, bool MIN> __device__ __forceinline__ uint32_t moe__tree(const uint32_t *a)
 {
     if constexpr (N == 1) {
         return a[0];
@@ -88,16 +87,17 @@ __device__ __forceinline__ uint32_t moe__tree(const uint32_t *a)
 
 /*
  * Top-K of one token on one warp: lane l holds in sp[i] the logits of experts l + 32 i
- * (i < per <= P), which become their sqrt(softplus), and in b[i] their biases. Round j takes the largest s + bias,
- * the lowest expert id among equals, with two warp reductions (redux.sync: the largest key,
- * then the lowest id that holds it) and no other dependent step; lane j < K ends with slot j's
- * expert in my_id and its sqrt(softplus) in s. (One argmax of (value, id) pairs by five
+ * (i < per <= P), which become their sqrt(softplus), and in b[i] their biases. Round j takes the
+ * largest s + bias, the lowest expert id among equals, with two warp reductions (redux.sync: the
+ * largest key, then the lowest id that holds it) and no other dependent step; lane j < K ends with
+ * slot j's expert in my_id and its sqrt(softplus) in s. (One argmax of (value, id) pairs by five
  * shuffle rounds per slot, as before, took ~7 us of dependent steps per token under the GEMM
  * beside it.)
  */
 template <int P>
-__device__ __forceinline__ void moe__topk_dense(int lane, int per, float (&sp)[MOE_MAX_EPL], const float (&b)[MOE_MAX_EPL], int K,
-                                                int &my_id, float &s)
+__device__ __forceinline__ void moe__topk_dense(int lane, int per, float (&sp)[MOE_MAX_EPL],
+                                                const float (&b)[MOE_MAX_EPL], int K, int &my_id,
+                                                float &s)
 {
     uint32_t key[P];
 #pragma unroll
@@ -165,11 +165,9 @@ __device__ __forceinline__ void moe__topk_token(int t, int lane, const float *__
                     s = moe__sqrt_softplus(o);
             }
     } else if (tok >= 0) {
-        if (per <= 8) /* Flash */
+        if (per <= 8) /* Flash (E 256), the small test shape (E 64) */
             moe__topk_dense<8>(lane, per, sp, v, K, my_id, s);
-        else if (per <= 12) /* Pro */
-            moe__topk_dense<12>(lane, per, sp, v, K, my_id, s);
-        else
+        else /* Pro (E 384) */
             moe__topk_dense<MOE_MAX_EPL>(lane, per, sp, v, K, my_id, s);
     }
     /* the sum in slot order on every lane, as the CPU reference sums */
