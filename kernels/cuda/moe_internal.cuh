@@ -90,9 +90,9 @@ template <int N, bool MIN> __device__ __forceinline__ uint32_t moe__tree(const u
  * (i < per <= P), which become their sqrt(softplus), and in b[i] their biases. Round j takes the
  * largest s + bias, the lowest expert id among equals, with two warp reductions (redux.sync: the
  * largest key, then the lowest id that holds it) and no other dependent step; lane j < K ends with
- * slot j's expert in my_id and its sqrt(softplus) in s. (One argmax of (value, id) pairs by five
- * shuffle rounds per slot, as before, took ~7 us of dependent steps per token under the GEMM
- * beside it.)
+ * slot j's expert in my_id and its sqrt(softplus) in s. (The argmax of (value, id) pairs by five
+ * shuffle rounds per slot that this replaced took ~7 us per token in a Flash layer at T = 1, this
+ * ~4 us: kernels/cuda/RESULTS.md, eleventh session.)
  */
 template <int P>
 __device__ __forceinline__ void moe__topk_dense(int lane, int per, float (&sp)[MOE_MAX_EPL],
