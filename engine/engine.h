@@ -103,7 +103,8 @@ struct engine_event {
     int choice;                 /* 0 .. n-1 */
     double t;                   /* CLOCK_MONOTONIC seconds when the event was made */
     /* TOKEN */
-    int32_t token;
+    int32_t token;              /* -1: no new token, only the text the detokenizer held back
+                                   (an unfinished UTF-8 sequence), released at the choice's end */
     float logprob;              /* of the sampled token under the model's distribution */
     int n_top;                  /* top alternatives (descending logprob), when asked */
     struct engine_logprob top[ENGINE_MAX_TOP_LOGPROBS];

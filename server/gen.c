@@ -293,12 +293,16 @@ static void on_token(struct gen *g, struct gen_choice *c, const struct engine_ev
     struct api_gen_request *q = &g->req;
     const char *text = ev->text ? ev->text : "";
     size_t tlen = ev->text ? ev->text_len : 0;
-    if (c->n_tokens == 0)
-        metrics_observe(&s->metrics.ttft, ev->t - g->t_arrival);
-    else
-        metrics_observe(&s->metrics.itl, ev->t - c->t_last);
-    c->t_last = ev->t;
-    c->n_tokens++;
+    /* token < 0: text held back at the end, no token: no latency sample, no logprobs entry */
+    const int is_token = ev->token >= 0;
+    if (is_token) {
+        if (c->n_tokens == 0)
+            metrics_observe(&s->metrics.ttft, ev->t - g->t_arrival);
+        else
+            metrics_observe(&s->metrics.itl, ev->t - c->t_last);
+        c->t_last = ev->t;
+        c->n_tokens++;
+    }
     int rc = 0;
     int want_lp = q->logprobs >= 0;
     int n_top = ev->n_top < q->logprobs ? ev->n_top : q->logprobs;
@@ -309,8 +313,9 @@ static void on_token(struct gen *g, struct gen_choice *c, const struct engine_ev
             lp = q->stream ? api_logprobs_completion_new() : c->lp;
             /* the tokens' strings as the text has them (it drops special tokens when asked) */
             api_token_text_fn fn = q->skip_special_tokens ? token_text_skip : token_text;
-            if (!lp || api_logprobs_completion_add(lp, fn, s->tok, ev->token, &ev->logprob,
-                                                   ev->top, n_top, c->text_offset) < 0)
+            if (!lp || (is_token && api_logprobs_completion_add(lp, fn, s->tok, ev->token,
+                                                                &ev->logprob, ev->top, n_top,
+                                                                c->text_offset) < 0))
                 rc = ERR_NOMEM;
         }
         c->text_offset += (long)tlen;
@@ -327,8 +332,8 @@ static void on_token(struct gen *g, struct gen_choice *c, const struct engine_ev
             if (q->stream && !c->d_lp)
                 c->d_lp = api_logprobs_chat_new();
             json_t *lp = q->stream ? c->d_lp : c->lp;
-            if (!lp || api_logprobs_chat_add(lp, token_text, s->tok, ev->token, ev->logprob,
-                                             ev->top, n_top) < 0)
+            if (!lp || (is_token && api_logprobs_chat_add(lp, token_text, s->tok, ev->token,
+                                                          ev->logprob, ev->top, n_top) < 0))
                 rc = ERR_NOMEM;
         }
         if (q->stream) {

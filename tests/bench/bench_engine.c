@@ -101,7 +101,7 @@ static double run_batch(struct engine *e, int batch, int prompt_len, int gen, in
         for (int i = 0; i < batch; i++) {
             struct engine_event ev;
             while (engine_poll(r[i], &ev)) {
-                toks += ev.type == ENGINE_EV_TOKEN;
+                toks += ev.type == ENGINE_EV_TOKEN && ev.token >= 0; /* not a text-only flush */
                 engine_event_clear(&ev);
             }
             done += engine_req_done(r[i]);

@@ -132,6 +132,36 @@ def test_completion_logprobs_special_tokens(client, model):
     assert lp.text_offset == [0, len(sp["content"]), 2 * len(sp["content"])]
 
 
+def test_logprobs_token_ending_mid_character(client, model):
+    # the only token is a lone UTF-8 lead byte: its text is held back until the choice ends and
+    # then released as text only, with no second logprobs entry (there was one: token "",
+    # logprob 0, no alternatives)
+    import json
+    import os
+    with open(os.environ["DSV4D_TOKENIZER"], encoding="utf-8") as f:
+        lead = json.load(f)["model"]["vocab"]["\u00e5"]  # byte 0xE5 in the byte-level alphabet
+    bias = {str(lead): 100}
+    r = client.completions.create(model=model, prompt=PROMPT, max_tokens=1, logprobs=2,
+                                  logit_bias=bias)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == "\ufffd" and r.usage.completion_tokens == 1
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 1
+    chunks = list(client.completions.create(model=model, prompt=PROMPT, max_tokens=1, logprobs=2,
+                                            logit_bias=bias, stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "\ufffd"
+    assert sum(len(c.choices[0].logprobs.tokens) for c in chunks
+               if c.choices and c.choices[0].logprobs) == 1
+    chat = dict(model=model, messages=MSGS, max_tokens=1, logprobs=True, top_logprobs=2,
+                logit_bias=bias, extra_body=NO_THINK)
+    r = client.chat.completions.create(**chat)
+    content = r.choices[0].logprobs.content
+    assert r.choices[0].message.content == "\ufffd"
+    assert [e.bytes for e in content] == [[0xE5]] and len(content[0].top_logprobs) == 2
+    chunks = list(client.chat.completions.create(**chat, stream=True))
+    assert [e.bytes for c in chunks if c.choices and c.choices[0].logprobs
+            for e in c.choices[0].logprobs.content] == [[0xE5]]
+
+
 def test_chat_non_stream_and_stream(client, model):
     full = client.chat.completions.create(model=model, messages=MSGS, max_tokens=6,
                                           temperature=0, extra_body=NO_THINK)
