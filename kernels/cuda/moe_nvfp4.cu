@@ -664,6 +664,33 @@ __global__ void __launch_bounds__(MOE_GROUP_THREADS)
     }
 }
 
+/*
+ * The warp-specialised path's routed GEMM1 activations: xg[p] = xb[sorted[p] / K] for every
+ * grouped position p (the tile list's end), so that a tile's rows are consecutive for its TMA
+ * boxes (moe_gemm_ws.cu). A warp per row, rows of d BF16 (d % 8 == 0).
+ */
+__global__ void moe_gather(const int32_t *__restrict__ sorted, const int4 *__restrict__ tiles,
+                           const int32_t *__restrict__ ntiles,
+                           const __nv_bfloat16 *__restrict__ xb, /* (T, d) */
+                           int K, int d, __nv_bfloat16 *__restrict__ xg /* (T K, d) */)
+{
+    kern__pdl_wait();
+    kern__pdl_launch();
+    const int nt = *ntiles;
+    if (nt <= 0)
+        return;
+    const int4 last = tiles[nt - 1];
+    const int npos = last.y + last.z, n16 = d / 8, lane = threadIdx.x & 31;
+    const int nw = (gridDim.x * blockDim.x) >> 5;
+    for (int p = (blockIdx.x * blockDim.x + threadIdx.x) >> 5; p < npos; p += nw) {
+        const uint4 *src = (const uint4 *)(xb + (size_t)(sorted[p] / K) * d);
+        uint4 *dst = (uint4 *)(xg + (size_t)p * d);
+#pragma unroll 4
+        for (int i = lane; i < n16; i += 32)
+            dst[i] = __ldg(src + i);
+    }
+}
+
 __global__ void moe_combine(const float *__restrict__ yslot, /* (T*K, d) */
                             const float *__restrict__ ysh,   /* (T, d) or NULL */
                             const int32_t *__restrict__ idx, /* (T, K) */
@@ -804,12 +831,13 @@ static int ws_mode(void)
     }
     return mode;
 }
-/* MoE: from 160 mean tokens per expert (H100, layer us, register-A -> this kernel, same call:
- * Flash T = 8192 (m 192) 8459, 8476 -> 7786, 7789; Pro T = 8192 (m 128) 22608, 22728 -> 23107,
- * 22999; Flash T = 4096 (m 96) 4673 -> 5586). Dense FP8 linears: only with DSV4_MOE_WS=1
- * (engine prefill in 2048-token chunks: 22146 against 22322 tokens/s with the register-A
- * kernel). */
-#define WS_MIN_M     160
+/* MoE: from 128 mean tokens per expert. H100, layer us, register-A -> this kernel, same call
+ * (twelfth session, TMA activations): Flash T = 8192 (m 192) 7444, 7524 -> 6733, 6701; Pro
+ * T = 8192 (m 128) 21604, 21586 -> 19761, 19502; Flash T = 4096 (m 96) 4092, 4101 -> 4480,
+ * 4446 (Pro T = 4096, m 64: 15534, 15559 -> 14781, 14559). Dense FP8 linears: only with
+ * DSV4_MOE_WS=1 (engine prefill in 2048-token chunks: 22146 against 22322 tokens/s with the
+ * register-A kernel, eighth session). */
+#define WS_MIN_M     128
 #define WS_MIN_DENSE (1L << 30)
 
 static int use_ws(long m, long min_m)
@@ -831,9 +859,7 @@ static int pick_tile(const struct kern_moe_layer *L, int T, int *path)
         *path = PATH_MMA;
         return m <= 8 ? 8 : (m <= 16 ? 16 : 32);
     }
-    /* the warp-specialised kernel addresses activations with 32-bit byte offsets */
-    const size_t act_bytes = (size_t)T * L->K * (L->d > L->I ? L->d : L->I) * 2;
-    if (use_ws(m, WS_MIN_M) && act_bytes < ((size_t)1 << 32)) {
+    if (use_ws(m, WS_MIN_M)) {
         *path = PATH_WS;
         return 256;
     }
@@ -893,6 +919,16 @@ static int moe_experts_ws(const struct kern_moe_layer *L, const float *x, const 
     a.ldin = d;
     a.hout = ws->h;
     gemm_args s = a;
+    if (path == PATH_WS) {
+        /* x in grouped order, in the GEMM2 output buffer (written after GEMM1 is done) */
+        __nv_bfloat16 *xg = (__nv_bfloat16 *)ws->yslot;
+        if ((rc = kern__launch(moe_gather, dim3(4 * kern__sm_count()), dim3(256), 0, st, 1,
+                               (const int32_t *)ws->sorted, (const int4 *)ws->tiles,
+                               (const int32_t *)ws->ntiles, (const __nv_bfloat16 *)ws->xb, K, d,
+                               xg)))
+            return rc;
+        a.in = xg;
+    }
     s.w = L->sh13;
     s.fac = L->sh13_f;
     s.alpha_c0 = L->sh_alpha13[0];
@@ -1015,8 +1051,7 @@ extern "C" int kern_gemm_fp8(const struct kern_fp8_mat *W, int groups, const uin
     s.fac_gstride = kern_fp8_factor_count(W->rows, W->cols);
     s.in_goff = x_goff;
     s.out_goff = y_goff;
-    if (kern_gemm_fp8_perm(W->rows, groups, T) && use_ws(T, WS_MIN_DENSE) &&
-        ((size_t)T * ldx + (size_t)(groups - 1) * x_goff) * 2 < ((size_t)1 << 32))
+    if (kern_gemm_fp8_perm(W->rows, groups, T) && use_ws(T, WS_MIN_DENSE))
         return moe__launch_ws(STAGE_DOWN, s, s, 0, (T + 255) / 256, stream, groups);
     if (kern_gemm_fp8_perm(W->rows, groups, T))
         return T >= 96 ? launch_wg<STAGE_DOWN, 128>(s, s, 0, (T + 127) / 128, stream, groups)
