@@ -161,7 +161,6 @@ __device__ __forceinline__ void ws_tma_load(uint32_t dst, const CUtensorMap *tm,
 __device__ __forceinline__ void ws_issue_b(const CUtensorMap *tm, int kb, uint32_t sb, uint32_t bar,
                                            int nbox, int row0, int grp)
 {
-
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar),
                  "r"(nbox * WS_BOX * 128)
                  : "memory");
