@@ -57,15 +57,15 @@ __global__ void __launch_bounds__(256)
     const uint4 *wr = (const uint4 *)(W + (size_t)e * d) + wi * n8;
     const float *xw = x + (size_t)wi * n8 * 8;
     for (int base = 0; base < n8; base += 4 * 32) {
+        /* columns past the warp's part read a valid element (discarded): no load is predicated.
+         * No early exits below either: every x load is independent of the others, so they are
+         * all issued together (rows past T read a valid row, discarded); with a break per token
+         * they were issued token by token (bench_moe_gpu, H100, 4 runs each, layer us: Flash
+         * T = 4 / 16 154.9 / 446.5 -> 153.1 / 444.0, Pro 354.9 / 1089.3 -> 351.9 / 1084.1) */
         uint4 wv[4];
-        /* columns past the warp's part read a valid element (discarded): no load is predicated */
 #pragma unroll
         for (int u = 0; u < 4; u++)
             wv[u] = __ldg(wr + min(base + u * 32 + lane, n8 - 1));
-            /* no early exits below: every x load is independent of the others, so they are all
-             * issued together (rows past T read a valid row, discarded); with a break per token
-             * they were issued token by token (bench_moe_gpu, H100, 4 runs each, layer us: Flash
-             * T = 4 / 16 154.9 / 446.5 -> 153.1 / 444.0, Pro 354.9 / 1089.3 -> 351.9 / 1084.1) */
 #pragma unroll
         for (int u = 0; u < 4; u++) {
             const int k8 = base + u * 32 + lane, k8c = min(k8, n8 - 1);
