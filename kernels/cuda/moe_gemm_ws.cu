@@ -18,10 +18,12 @@
  * producer threads arrive once their part of A is written and fenced for the async proxy, plus
  * one arrival with the byte count of the B copies, which complete on it) and `empty` (the 256
  * consumer threads arrive once the wgmmas that read it are done). Producer iteration kb: wait
- * empty(kb - WS_STAGES), decode and store A(kb), fence, arrive full; thread 0 then waits
- * empty(kb + WS_BLEAD - WS_STAGES) and issues B(kb + WS_BLEAD), so the decode of kb + 1
- * overlaps the MMAs of kb and the producer never waits on the MMA just issued.
- * The tile's output rows and routing weights are staged in shared memory for the epilogue.
+ * empty(kb - WS_STAGES); thread 0 issues B(kb) (B(0 .. WS_STAGES - 1) at the start, into the
+ * empty ring); decode and store A(kb), fence, arrive full. So the issuing thread never waits
+ * on anything but the wait all producer threads make (waiting further ahead for B's stage held
+ * up producer warp 0, and every `full` barrier waits for it: RESULTS.md, thirteenth session).
+ * The weights' first loads are issued before the block's barrier, the consumers meanwhile
+ * stage the tile's output rows and routing weights in shared memory for the epilogue.
  *
  * Why: the register-A kernel (moe_nvfp4.cu, moe_gemm_wg) decodes in the warps that issue the
  * wgmmas and so serialises decode, barrier and MMA per warp (kernels/cuda/RESULTS.md, fifth
@@ -45,7 +47,6 @@
 /* rows of a B box: one copy instruction per 128 rows (64 or 256 rows: Flash T = 8192 6.78 /
  * 6.51 ms against 6.72; Pro 19.7 / 20.5 ms against 19.6; 32: 7.0 ms) */
 #define WS_BOX         128
-#define WS_BLEAD       2   /* k-blocks of B issued ahead of the decoded one */
 #define WS_NPROD       128 /* producer threads (one warpgroup) */
 #define WS_RBT         2   /* 16-row blocks per producer thread */
 #define WS_THREADS     (WS_NPROD + 256)
@@ -144,6 +145,13 @@ __device__ __forceinline__ void ws_decode(const ws_raw<WF> &r, int kb, uint32_t 
                          : "memory");
 }
 
+/* All the block's threads meet (named barrier 1: the producer and the consumers reach it from
+ * their own code, each warp whole). */
+__device__ __forceinline__ void ws_sync_all(void)
+{
+    asm volatile("bar.sync 1, %0;\n" ::"n"(WS_THREADS) : "memory");
+}
+
 /* One TMA copy of a box of the 3-D map tm at (column c0, row c1, group c2) into shared memory,
  * completing on bar. */
 __device__ __forceinline__ void ws_tma_load(uint32_t dst, const CUtensorMap *tm, int c0, int c1,
@@ -183,13 +191,14 @@ __device__ __forceinline__ void ws_produce(const gemm_args &a, const CUtensorMap
     for (int i = 0; i < WS_AHEAD; i++)
         if (i < nkb)
             W.load(i, rw[i]);
+    ws_sync_all(); /* the barriers are initialised; the loads above stay in flight */
 
     const uint32_t s0 = (uint32_t)__cvta_generic_to_shared(smem);
     const uint32_t sb = s0 + WS_A_BYTES, f0 = (uint32_t)__cvta_generic_to_shared(full);
     const int nbox = (cnt + WS_BOX - 1) / WS_BOX;
     const bool loader = threadIdx.x == 0;
     if (loader)
-        for (int kb = 0; kb < WS_BLEAD && kb < nkb; kb++)
+        for (int kb = 0; kb < WS_STAGES && kb < nkb; kb++)
             ws_issue_b(tm, kb, sb + kb * WS_STAGE_BYTES, f0 + 8 * kb, nbox, start, blockIdx.z);
     /* stmatrix row addresses (ws_decode): row 8 ((l >> 3) & 1) + (l & 7) of the warp's first
      * 16-row block, 16-byte unit 2 s + (l >> 4), swizzled by the row */
@@ -207,18 +216,16 @@ __device__ __forceinline__ void ws_produce(const gemm_args &a, const CUtensorMap
             const int kb = kb0 + j, s = j;
             if (kb + WS_AHEAD < nkb)
                 W.load(kb + WS_AHEAD, rw[(j + WS_AHEAD) % (WS_AHEAD + 1)]);
-            if (kb >= WS_STAGES) /* the consumers are done with the stage's previous k-block */
+            if (kb >= WS_STAGES) { /* the consumers are done with the stage's previous k-block */
                 kern__mbar_wait(&empty[s], ((kb / WS_STAGES) - 1) & 1);
+                /* B first, so that its copy overlaps the decode */
+                if (loader)
+                    ws_issue_b(tm, kb, sb + s * WS_STAGE_BYTES, f0 + 8 * s, nbox, start,
+                               blockIdx.z);
+            }
             ws_decode<WF>(rw[j], kb, s * WS_STAGE_BYTES, sto);
             asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
             kern__mbar_arrive(&full[s]);
-            /* B(kb + WS_BLEAD) into its stage once the consumers are done with the stage */
-            const int nk = kb + WS_BLEAD, ns = (j + WS_BLEAD) % WS_STAGES;
-            if (loader && nk < nkb) {
-                if (nk >= WS_STAGES)
-                    kern__mbar_wait(&empty[ns], ((nk / WS_STAGES) - 1) & 1);
-                ws_issue_b(tm, nk, sb + ns * WS_STAGE_BYTES, f0 + 8 * ns, nbox, start, blockIdx.z);
-            }
         }
     }
 }
@@ -351,13 +358,7 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
         /* the copy engine completes transactions on these barriers */
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
-    for (int j = threadIdx.x; j < cnt; j += WS_THREADS) {
-        int slot = routed ? a.sorted[start + j] : start + j;
-        float w = routed && STAGE == STAGE_GATEUP ? a.route_w[slot] : 1.0f;
-        meta[j] = make_int2(slot, __float_as_int(w));
-    }
-    __syncthreads();
-    if (threadIdx.x < WS_NPROD) {
+    if (threadIdx.x < WS_NPROD) { /* (ws_produce meets the consumers at ws_sync_all) */
         if (routed)
             ws_produce<STAGE, WF_NVFP4>(a, &ta, e, start, cnt, smem, full, empty);
         else
@@ -365,6 +366,14 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
                                       empty);
         return;
     }
+    /* the consumers stage the tile's rows for the epilogue while the producer's first weight
+     * loads are in flight */
+    for (int j = threadIdx.x - WS_NPROD; j < cnt; j += WS_THREADS - WS_NPROD) {
+        int slot = routed ? a.sorted[start + j] : start + j;
+        float w = routed && STAGE == STAGE_GATEUP ? a.route_w[slot] : 1.0f;
+        meta[j] = make_int2(slot, __float_as_int(w));
+    }
+    ws_sync_all();
     ws_out o;
     o.a0 = routed ? a.alpha[STAGE == STAGE_GATEUP ? 2 * e : e] : sh.alpha_c0;
     o.a1 = routed ? (STAGE == STAGE_GATEUP ? a.alpha[2 * e + 1] : 0.0f) : sh.alpha_c1;

@@ -16,6 +16,7 @@ struct moe_ws {
     int32_t *idx;       /* (T, K) kern_moe_forward's routing */
     float *w;           /* (T, K) */
     int32_t *sorted;    /* (T*K) slot t*K+j of each grouped position */
+    int32_t *pos;       /* (T*K) grouped position of each slot, -1 for a dropped one */
     int4 *tiles;        /* (max_tiles) expert, start position, count, 0 */
     int32_t *ntiles;    /* (1) */
     __nv_bfloat16 *h;   /* (T*K, I) routed SwiGLU outputs, grouped order */
@@ -47,6 +48,7 @@ static inline struct moe_ws moe__ws_layout(const struct kern_moe_layer *L, int T
     CARVE(idx, int32_t, TK);
     CARVE(w, float, TK);
     CARVE(sorted, int32_t, TK);
+    CARVE(pos, int32_t, TK);
     CARVE(tiles, int4, moe__max_tiles(T, L->K, L->E, 8));
     CARVE(ntiles, int32_t, 1);
     CARVE(h, __nv_bfloat16, TK * L->I);
@@ -183,10 +185,15 @@ __device__ __forceinline__ void moe__topk_token(int t, int lane, const float *__
 }
 
 /* Router internals (moe_route.cu). */
-/* xb (T, d): also write x in BF16 (natural order) when not NULL; only for T <= 64. */
+/* xb (T, d): also write x in BF16 when not NULL: in natural order for T <= 64 (the mma.sync
+ * experts' order), in the wgmma experts' order (perm64) where moe__logits_long(L, T). */
 int moe__logits(const struct kern_moe_layer *L, const float *x, int T, float *logits,
                 __nv_bfloat16 *xb, cudaStream_t st);
+/* Whether moe__logits runs the long-step kernel for T tokens. */
+int moe__logits_long(const struct kern_moe_layer *L, int T);
 int moe__topk(const struct kern_moe_layer *L, const float *logits, const int32_t *tokens, int T,
               int32_t *idx, float *w, cudaStream_t st);
+/* The long-step logits kernel's shared-memory limit (from kern_moe_prepare). */
+int moe__logits_prepare(void);
 
 #endif

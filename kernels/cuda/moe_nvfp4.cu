@@ -3,9 +3,11 @@
  * DSV4 MoE layer, for T tokens with K experts each.
  *
  * Pipeline (one stream, no host sync, no allocation, no atomics on outputs):
- *   1. x -> BF16.
+ *   1. x -> BF16 (in the grouping kernel's other blocks, or by the router's logits kernel in
+ *      kern_moe_forward at small T and at long T).
  *   2. Grouping (one block): count the (token, slot) pairs per expert, scan, emit a tile list
- *      (expert, first grouped position, count <= BT) and the grouped slot order. Slots with an
+ *      (expert, first grouped position, count <= BT), the grouped slot order and each slot's
+ *      grouped position (the long-step kernel's gather: moe_gather). Slots with an
  *      id outside [0, E) (padding rows) are dropped; duplicate ids in a row are two slots.
  *   3. GEMM1 per (tile, 16-row block of w13): gate and up rows of the same 8 channels in one
  *      mma.sync m16n8k16 tile (weights = A from registers, tokens = N), NVFP4 codes turned
@@ -596,6 +598,7 @@ struct prep_route {
 __global__ void __launch_bounds__(MOE_GROUP_THREADS)
     moe_prep(const int32_t *__restrict__ idx,                     /* (TK) */
              int TK, int E, int BT, int32_t *__restrict__ sorted, /* (TK) */
+             int32_t *__restrict__ pos,                           /* (TK) */
              int4 *__restrict__ tiles, int32_t *__restrict__ ntiles,
              const float *__restrict__ x, /* (T, d) */
              __nv_bfloat16 *__restrict__ xb, size_t n4, int perm, const prep_route rt)
@@ -658,36 +661,49 @@ __global__ void __launch_bounds__(MOE_GROUP_THREADS)
     /* placement; the order inside an expert does not change any value (columns of the
      * GEMMs are independent), so the output stays bit-reproducible */
     for (int i = tid; i < TK; i += blockDim.x) {
-        int e = idx[i];
-        if (e >= 0 && e < E)
-            sorted[off[e] + atomicAdd(&fill[e], 1)] = i;
+        int e = idx[i], p = -1;
+        if (e >= 0 && e < E) {
+            p = off[e] + atomicAdd(&fill[e], 1);
+            sorted[p] = i;
+        }
+        pos[i] = p;
     }
 }
 
 /*
- * The warp-specialised path's routed GEMM1 activations: xg[p] = xb[sorted[p] / K] for every
- * grouped position p (the tile list's end), so that a tile's rows are consecutive for its TMA
- * boxes (moe_gemm_ws.cu). A warp per row, rows of d BF16 (d % 8 == 0).
+ * The warp-specialised path's routed GEMM1 activations: xg[pos[t K + j]] = xb[t] for every
+ * token t and slot j that has a grouped position, so that a tile's rows are consecutive for
+ * its TMA boxes (moe_gemm_ws.cu). A warp per token: its row is read once and written K times
+ * (by grouped position, rows would be read K times over). Rows of d BF16 (d % 8 == 0).
  */
-__global__ void moe_gather(const int32_t *__restrict__ sorted, const int4 *__restrict__ tiles,
-                           const int32_t *__restrict__ ntiles,
+__global__ void moe_gather(const int32_t *__restrict__ pos,      /* (T, K) */
                            const __nv_bfloat16 *__restrict__ xb, /* (T, d) */
-                           int K, int d, __nv_bfloat16 *__restrict__ xg /* (T K, d) */)
+                           int T, int K, int d, __nv_bfloat16 *__restrict__ xg /* (T K, d) */)
 {
     kern__pdl_wait();
     kern__pdl_launch();
-    const int nt = *ntiles;
-    if (nt <= 0)
-        return;
-    const int4 last = tiles[nt - 1];
-    const int npos = last.y + last.z, n16 = d / 8, lane = threadIdx.x & 31;
+    const int n16 = d / 8, lane = threadIdx.x & 31;
     const int nw = (gridDim.x * blockDim.x) >> 5;
-    for (int p = (blockIdx.x * blockDim.x + threadIdx.x) >> 5; p < npos; p += nw) {
-        const uint4 *src = (const uint4 *)(xb + (size_t)(sorted[p] / K) * d);
-        uint4 *dst = (uint4 *)(xg + (size_t)p * d);
-#pragma unroll 4
-        for (int i = lane; i < n16; i += 32)
-            dst[i] = __ldg(src + i);
+    for (int t = (blockIdx.x * blockDim.x + threadIdx.x) >> 5; t < T; t += nw) {
+        const int mine = lane < K ? pos[(size_t)t * K + lane] : -1;
+        const uint4 *src = (const uint4 *)(xb + (size_t)t * d);
+        for (int i0 = lane; i0 < n16; i0 += 32 * 8) { /* 8 loads in flight a lane */
+            uint4 v[8];
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+                if (i0 + 32 * j < n16)
+                    v[j] = __ldg(src + i0 + 32 * j);
+            for (int k = 0; k < K; k++) {
+                const int p = __shfl_sync(0xffffffffu, mine, k);
+                if (p < 0)
+                    continue;
+                uint4 *dst = (uint4 *)(xg + (size_t)p * d);
+#pragma unroll
+                for (int j = 0; j < 8; j++)
+                    if (i0 + 32 * j < n16)
+                        dst[i0 + 32 * j] = v[j];
+            }
+        }
     }
 }
 
@@ -787,7 +803,7 @@ extern "C" int kern_moe_prepare(void)
     if (done)
         return 0;
     int rc = moe__ws_prepare();
-    if (rc)
+    if (rc || (rc = moe__logits_prepare()))
         return rc;
     KERN_CHECK(cudaFuncSetAttribute(moe_gemm_wg<STAGE_GATEUP, 128>,
                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -880,7 +896,7 @@ static int moe_experts_ws(const struct kern_moe_layer *L, const float *x, const 
     const int d = L->d, I = L->I, E = L->E, K = L->K;
     if (T <= 0)
         return 0;
-    if (d % 256 || I % 256 || E > MOE_GROUP_THREADS || K < 1)
+    if (d % 256 || I % 256 || E > MOE_GROUP_THREADS || K < 1 || K > 32)
         return ERR_UNSUPPORTED;
     int path;
     const int BT = pick_tile(L, T, &path), NT = BT / 8, wg = path != PATH_MMA;
@@ -888,14 +904,14 @@ static int moe_experts_ws(const struct kern_moe_layer *L, const float *x, const 
 
     /* pdl: the first kernel of a call is launched plainly (a full dependency on whatever
      * ran before on the stream), the rest with programmatic dependent launch */
-    /* xb_ready: the router's kernel already wrote x in BF16 (natural order, small T) */
+    /* xb_ready: the router's kernel already wrote x in BF16, in this path's order */
     size_t n4 = xb_ready ? 0 : (size_t)T * d / 4;
     unsigned conv = (unsigned)((n4 + MOE_GROUP_THREADS - 1) / MOE_GROUP_THREADS);
     conv = conv < 64 ? conv : 64;
     const size_t prep_smem = sizeof(int) * (3 * (size_t)E + (rt.logits ? (size_t)T * K : 0));
     if ((rc = kern__launch(moe_prep, dim3(1 + conv), dim3(MOE_GROUP_THREADS), prep_smem, st,
-                           pdl_first, (const int32_t *)idx, T * K, E, BT, ws->sorted, ws->tiles,
-                           ws->ntiles, x, ws->xb, n4, wg, rt)))
+                           pdl_first, (const int32_t *)idx, T * K, E, BT, ws->sorted, ws->pos,
+                           ws->tiles, ws->ntiles, x, ws->xb, n4, wg, rt)))
         return rc;
 
     gemm_args a = {};
@@ -923,8 +939,7 @@ static int moe_experts_ws(const struct kern_moe_layer *L, const float *x, const 
         /* x in grouped order, in the GEMM2 output buffer (written after GEMM1 is done) */
         __nv_bfloat16 *xg = (__nv_bfloat16 *)ws->yslot;
         if ((rc = kern__launch(moe_gather, dim3(4 * kern__sm_count()), dim3(256), 0, st, 1,
-                               (const int32_t *)ws->sorted, (const int4 *)ws->tiles,
-                               (const int32_t *)ws->ntiles, (const __nv_bfloat16 *)ws->xb, K, d,
+                               (const int32_t *)ws->pos, (const __nv_bfloat16 *)ws->xb, T, K, d,
                                xg)))
             return rc;
         a.in = xg;
@@ -1006,7 +1021,10 @@ extern "C" int kern_moe_forward(const struct kern_moe_layer *L, const float *x,
     }
     int path;
     (void)pick_tile(L, T, &path);
-    const int xb_ready = T <= 64 && path == PATH_MMA; /* the small-T logits kernel writes xb */
+    /* the small-T logits kernels write xb in the mma.sync order, the long-step one in the
+     * wgmma order */
+    const int xb_ready =
+        (T <= 64 && path == PATH_MMA) || (moe__logits_long(L, T) && path != PATH_MMA);
     int rc = moe__logits(L, x, T, lay.logits, xb_ready ? lay.xb : NULL, stream);
     if (!rc && !rt.logits)
         rc = moe__topk(L, lay.logits, tokens, T, lay.idx, lay.w, stream);

@@ -9,6 +9,8 @@
  */
 #include "kernels/cuda/moe_internal.cuh"
 
+#include "kernels/cuda/moe_gemm.cuh"
+
 #include <math.h>
 
 /* ---- logits ---- */
@@ -190,6 +192,153 @@ __global__ void __launch_bounds__(256)
         }
 }
 
+/*
+ * Gate logits for long steps (T >= LG_LONG_T): block = 64 tokens x 128 experts (blockIdx.x: which
+ * 128, so the blocks of one token group run together and share its x in L2); warp w = tokens
+ * 32 (w >> 2) .. + 31 x experts 32 (w & 3) .. + 31, each over all of d. Per 64-column chunk the
+ * block splits its x rows into the three BF16 terms once, into shared memory (moe_logits_mma
+ * splits and reads every x element once per 16 experts), and W's chunk comes by cp.async one
+ * chunk ahead. A chunk's 12 MMAs per logit (4 k-steps, hi, mid and lo) go to a fresh
+ * accumulator that is then added to the FP32 sum: one tensor-core accumulator over all of d
+ * (768 MMAs at Flash) had 3-5x the weight error of the tile kernel (router weights 1.3-2.8e-5
+ * relative against the FP64 reference at T = 4096, H100). Shared rows are LG_ROWB = 160 bytes
+ * (128 of data), so a warp's 8-byte fragment loads (8 rows x 4 column quads) hit distinct banks.
+ */
+#define LG_ROWB   160
+#define LG_E      128 /* experts a block */
+#define LG_LONG_T 4096
+
+static const size_t lg_smem = (size_t)(3 * 64 + 2 * LG_E) * LG_ROWB;
+
+__global__ void __launch_bounds__(256)
+    moe_logits_long(const float *__restrict__ x,                     /* (T, d) */
+                    const uint16_t *__restrict__ W,                  /* (E, d) */
+                    int T, int d, int E, float *__restrict__ logits, /* (T, E) */
+                    __nv_bfloat16 *__restrict__ xb /* (T, d) perm64 order, or NULL */)
+{
+    extern __shared__ __align__(16) char lg_sm[];
+    char *xs = lg_sm;                     /* [3 terms][64 tokens][LG_ROWB] */
+    char *wsm = lg_sm + 3 * 64 * LG_ROWB; /* [2 chunks][LG_E][LG_ROWB] */
+    kern__pdl_wait();
+    kern__pdl_launch();
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
+    const int t0 = blockIdx.y * 64, e0 = blockIdx.x * LG_E, nch = d / 64;
+    /* staging: thread -> token tid >> 2 (rows past T repeat the last; not stored), columns
+     * 16 (tid & 3) .. + 15 of the chunk */
+    const int st_tok = tid >> 2, st_col = 16 * (tid & 3);
+    const float *xsrc = x + (size_t)min(t0 + st_tok, T - 1) * d + st_col;
+    const uint16_t *wsrc = W + (size_t)e0 * d;
+    __nv_bfloat16 *xbrow =
+        xb && blockIdx.x == 0 && t0 + st_tok < T ? xb + (size_t)(t0 + st_tok) * d : NULL;
+    float4 xr[4];
+    auto load = [&](int ch) {
+        char *dst = wsm + (ch & 1) * LG_E * LG_ROWB;
+#pragma unroll
+        for (int i = tid; i < LG_E * 8; i += 256)
+            cp_async16(dst + (i >> 3) * LG_ROWB + (i & 7) * 16,
+                       wsrc + (size_t)(i >> 3) * d + ch * 64 + (i & 7) * 8, 16);
+        asm volatile("cp.async.commit_group;\n" ::: "memory");
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            xr[i] = __ldg((const float4 *)(xsrc + ch * 64) + i);
+    };
+    const int tb = 32 * (warp >> 2), eb = 32 * (warp & 3);
+    float sum[2][4][4];
+#pragma unroll
+    for (int m = 0; m < 2; m++)
+#pragma unroll
+        for (int n = 0; n < 4; n++)
+            sum[m][n][0] = sum[m][n][1] = sum[m][n][2] = sum[m][n][3] = 0.0f;
+    load(0);
+    for (int ch = 0; ch < nch; ch++) {
+        { /* this chunk's x terms (the previous chunk's readers are past the last barrier) */
+            uint32_t t[3][8];
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                split3(xr[i].x, xr[i].y, t[0][2 * i], t[1][2 * i], t[2][2 * i]);
+                split3(xr[i].z, xr[i].w, t[0][2 * i + 1], t[1][2 * i + 1], t[2][2 * i + 1]);
+            }
+#pragma unroll
+            for (int j = 0; j < 3; j++) {
+                uint4 *row = (uint4 *)(xs + (j * 64 + st_tok) * LG_ROWB + st_col * 2);
+                row[0] = make_uint4(t[j][0], t[j][1], t[j][2], t[j][3]);
+                row[1] = make_uint4(t[j][4], t[j][5], t[j][6], t[j][7]);
+            }
+            if (xbrow) /* hi = x rounded to BF16: the experts' copy, pairs placed by perm64 */
+#pragma unroll
+                for (int i = 0; i < 8; i++)
+                    *(uint32_t *)(xbrow + perm64(ch * 64 + st_col + 2 * i)) = t[0][i];
+        }
+        asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+        __syncthreads();
+        if (ch + 1 < nch)
+            load(ch + 1);
+        const char *wb = wsm + (ch & 1) * LG_E * LG_ROWB;
+        float acc[2][4][4];
+#pragma unroll
+        for (int m = 0; m < 2; m++)
+#pragma unroll
+            for (int n = 0; n < 4; n++)
+                acc[m][n][0] = acc[m][n][1] = acc[m][n][2] = acc[m][n][3] = 0.0f;
+#pragma unroll
+        for (int s = 0; s < 4; s++) {
+            uint2 a[2][2];
+#pragma unroll
+            for (int m = 0; m < 2; m++) {
+                const char *r = wb + (eb + 16 * m + g) * LG_ROWB + 32 * s + 8 * c;
+                a[m][0] = *(const uint2 *)r;
+                a[m][1] = *(const uint2 *)(r + 8 * LG_ROWB);
+            }
+#pragma unroll
+            for (int j = 0; j < 3; j++) {
+                uint2 b[4];
+#pragma unroll
+                for (int n = 0; n < 4; n++)
+                    b[n] =
+                        *(const uint2 *)(xs + (j * 64 + tb + 8 * n + g) * LG_ROWB + 32 * s + 8 * c);
+#pragma unroll
+                for (int m = 0; m < 2; m++)
+#pragma unroll
+                    for (int n = 0; n < 4; n++)
+                        kern__mma_bf16(acc[m][n], a[m][0].x, a[m][1].x, a[m][0].y, a[m][1].y,
+                                       b[n].x, b[n].y);
+            }
+        }
+#pragma unroll
+        for (int m = 0; m < 2; m++)
+#pragma unroll
+            for (int n = 0; n < 4; n++)
+#pragma unroll
+                for (int i = 0; i < 4; i++)
+                    sum[m][n][i] += acc[m][n][i];
+        __syncthreads();
+    }
+#pragma unroll
+    for (int m = 0; m < 2; m++)
+#pragma unroll
+        for (int n = 0; n < 4; n++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                /* C fragment: (expert + g (+8 for i >= 2), token + 2c + (i & 1)) */
+                const int t = t0 + tb + 8 * n + 2 * c + (i & 1),
+                          e = e0 + eb + 16 * m + g + (i & 2) * 4;
+                if (t < T)
+                    logits[(size_t)t * E + e] = sum[m][n][i];
+            }
+}
+
+int moe__logits_prepare(void)
+{
+    KERN_CHECK(cudaFuncSetAttribute(moe_logits_long, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    (int)lg_smem));
+    return 0;
+}
+
+int moe__logits_long(const struct kern_moe_layer *L, int T)
+{
+    return T >= LG_LONG_T && L->E % LG_E == 0;
+}
+
 int moe__logits(const struct kern_moe_layer *L, const float *x, int T, float *logits,
                 __nv_bfloat16 *xb, cudaStream_t st)
 {
@@ -209,6 +358,11 @@ int moe__logits(const struct kern_moe_layer *L, const float *x, int T, float *lo
                              : (T <= 4 ? moe_logits_warp<4> : moe_logits_warp<8>));
         r = kern__launch(k, dim3(L->E, (T + 7) / 8), 256, 0, st, 1, x, L->gate_w, T, L->d, L->E,
                          logits, xb);
+    } else if (moe__logits_long(L, T)) {
+        if ((r = kern_moe_prepare()))
+            return r;
+        r = kern__launch(moe_logits_long, dim3(L->E / LG_E, (T + 63) / 64), 256, lg_smem, st, 1, x,
+                         L->gate_w, T, L->d, L->E, logits, xb);
     } else if (xb || T <= 256)
         r = kern__launch(moe_logits_mma<1>, dim3(L->E / 16, (T + 7) / 8), 256, 0, st, 1, x,
                          L->gate_w, T, L->d, L->E, logits, xb);
