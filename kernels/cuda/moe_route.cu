@@ -243,12 +243,7 @@ __global__ void __launch_bounds__(256)
             xr[i] = __ldg((const float4 *)(xsrc + ch * 64) + i);
     };
     const int tb = 32 * (warp >> 2), eb = 32 * (warp & 3);
-    float sum[2][4][4];
-#pragma unroll
-    for (int m = 0; m < 2; m++)
-#pragma unroll
-        for (int n = 0; n < 4; n++)
-            sum[m][n][0] = sum[m][n][1] = sum[m][n][2] = sum[m][n][3] = 0.0f;
+    float sum[2][4][4] = {};
     load(0);
     for (int ch = 0; ch < nch; ch++) {
         { /* this chunk's x terms (the previous chunk's readers are past the last barrier) */
@@ -274,12 +269,7 @@ __global__ void __launch_bounds__(256)
         if (ch + 1 < nch)
             load(ch + 1);
         const char *wb = wsm + (ch & 1) * LG_E * LG_ROWB;
-        float acc[2][4][4];
-#pragma unroll
-        for (int m = 0; m < 2; m++)
-#pragma unroll
-            for (int n = 0; n < 4; n++)
-                acc[m][n][0] = acc[m][n][1] = acc[m][n][2] = acc[m][n][3] = 0.0f;
+        float acc[2][4][4] = {};
 #pragma unroll
         for (int s = 0; s < 4; s++) {
             uint2 a[2][2];
