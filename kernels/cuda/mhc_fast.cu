@@ -14,7 +14,8 @@
 
 #define HCF_THREADS 256
 #define HCF_FIN_THREADS                                                                            \
-    512 /* hcf_finish_k: one row per block, latency-bound: more loads in flight */
+    512 /* hcf_finish_k: one row per block, latency-bound: more loads in flight; one more warp     \
+           (HCF_FIN_THREADS + 32 a block) runs the 4-stream Sinkhorn beside the collapse */
 #define HCF_MAX    16
 #define HCF_SLICES 32 /* K slices of the projection (one per lane in hcf_finish_k) */
 #define HCF_ROWS   8  /* rows per block of the projection */
@@ -131,64 +132,79 @@ __device__ __forceinline__ float hcf_rcp(float x)
 }
 
 /*
- * The gates of 4 streams from z = mix * scale + base (24 values in shared memory) on one thread:
- * the exact path's operations in its order (sequential row and column sums), in registers, with
- * expf and one reciprocal (hcf_rcp) per row or column sum in place of glibc-rounded exp and 4
- * IEEE divisions each. The IEEE divisions are what made the gates slow: the exact path's warp
- * version, and this one with __frcp_rn, were each ~7 us of hcf_finish_k's 13-14 at one row;
- * with the bare approximate reciprocal the Flash decode step at batch 1 went 1.855 -> 1.776 ms
- * (H200, bench_gpu_engine, two runs each).
+ * The post and comb gates of 4 streams from z = mix * scale + base (24 values in shared memory),
+ * by the calling thread alone: the exact path's operations in its order (sequential row and
+ * column sums), in registers, with expf and one reciprocal (hcf_rcp) per row or column sum in
+ * place of glibc-rounded exp and 4 IEEE divisions each. The IEEE divisions are what made the gates
+ * slow: the exact path's warp version, and this one with __frcp_rn, were each ~7 us of
+ * hcf_finish_k's 13-14 at one row; with the bare approximate reciprocal the Flash decode step at
+ * batch 1 went 1.855 -> 1.776 ms (H200, bench_gpu_engine, two runs each). Only hc_post reads
+ * these, so hcf_finish_k runs them on a warp of their own beside the collapse, which needs only
+ * the pre gates.
  */
-__device__ __forceinline__ void hcf_gates4(const float *z, int iters, float hc_eps, float *pre,
-                                           float *post, float *comb, float *comb_out)
+__device__ __forceinline__ void hcf_gates4(const float *z, int iters, float hc_eps, float *post,
+                                           float *comb_out)
 {
-    if (threadIdx.x == 0) {
-        float m[4][4];
+    float m[4][4];
 #pragma unroll
-        for (int t = 0; t < 4; t++) {
-            pre[t] = 1.0f / (1.0f + expf(-z[t])) + hc_eps;
-            post[t] = 2.0f * (1.0f / (1.0f + expf(-z[4 + t])));
+    for (int t = 0; t < 4; t++)
+        post[t] = 2.0f * (1.0f / (1.0f + expf(-z[4 + t])));
+#pragma unroll
+    for (int j = 0; j < 4; j++) { /* softmax of row j, + eps */
+        float mx = -INFINITY, sum = 0.0f;
+#pragma unroll
+        for (int k = 0; k < 4; k++)
+            mx = fmaxf(mx, z[8 + 4 * j + k]);
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            m[j][k] = expf(z[8 + 4 * j + k] - mx);
+            sum += m[j][k];
         }
+        const float r = hcf_rcp(sum);
 #pragma unroll
-        for (int j = 0; j < 4; j++) { /* softmax of row j, + eps */
-            float mx = -INFINITY, sum = 0.0f;
+        for (int k = 0; k < 4; k++)
+            m[j][k] = m[j][k] * r + hc_eps;
+    }
+    for (int it = 0; it < iters; it++) {
+        if (it > 0)
 #pragma unroll
-            for (int k = 0; k < 4; k++)
-                mx = fmaxf(mx, z[8 + 4 * j + k]);
+            for (int j = 0; j < 4; j++) { /* rows */
+                const float r = hcf_rcp(((m[j][0] + m[j][1]) + m[j][2]) + m[j][3] + hc_eps);
 #pragma unroll
-            for (int k = 0; k < 4; k++) {
-                m[j][k] = expf(z[8 + 4 * j + k] - mx);
-                sum += m[j][k];
-            }
-            const float r = hcf_rcp(sum);
-#pragma unroll
-            for (int k = 0; k < 4; k++)
-                m[j][k] = m[j][k] * r + hc_eps;
-        }
-        for (int it = 0; it < iters; it++) {
-            if (it > 0)
-#pragma unroll
-                for (int j = 0; j < 4; j++) { /* rows */
-                    const float r = hcf_rcp(((m[j][0] + m[j][1]) + m[j][2]) + m[j][3] + hc_eps);
-#pragma unroll
-                    for (int k = 0; k < 4; k++)
-                        m[j][k] *= r;
-                }
-#pragma unroll
-            for (int k = 0; k < 4; k++) { /* columns */
-                const float r = hcf_rcp(((m[0][k] + m[1][k]) + m[2][k]) + m[3][k] + hc_eps);
-#pragma unroll
-                for (int j = 0; j < 4; j++)
+                for (int k = 0; k < 4; k++)
                     m[j][k] *= r;
             }
+#pragma unroll
+        for (int k = 0; k < 4; k++) { /* columns */
+            const float r = hcf_rcp(((m[0][k] + m[1][k]) + m[2][k]) + m[3][k] + hc_eps);
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+                m[j][k] *= r;
         }
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-#pragma unroll
-            for (int k = 0; k < 4; k++)
-                comb[4 * j + k] = comb_out[4 * j + k] = m[j][k];
     }
-    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+#pragma unroll
+        for (int k = 0; k < 4; k++)
+            comb_out[4 * j + k] = m[j][k];
+}
+
+/* kern__block_sum over the first HCF_FIN_THREADS threads only (named barrier 1), so the gates'
+ * warp is not waited for; the same order as kern__block_sum over that many threads. */
+__device__ __forceinline__ float hcf_fin_sum(float v, float *sm)
+{
+    constexpr int nw = HCF_FIN_THREADS / 32;
+    for (int o = 16; o; o >>= 1)
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    asm volatile("bar.sync 1, %0;\n" ::"n"(HCF_FIN_THREADS) : "memory");
+    if (lane == 0)
+        sm[w] = v;
+    asm volatile("bar.sync 1, %0;\n" ::"n"(HCF_FIN_THREADS) : "memory");
+    v = lane < nw ? sm[lane] : 0.0f;
+    for (int o = 16; o; o >>= 1)
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
 }
 
 /*
@@ -197,12 +213,12 @@ __device__ __forceinline__ void hcf_gates4(const float *z, int iters, float hc_e
  * u = sum_k pre[k] X[k] and RMSNorm(w) into out (T, d). float4 loads and stores (d % 4 == 0,
  * rows 16-byte aligned).
  */
-__global__ void hcf_finish_k(const float *__restrict__ X, int n, int d,
-                             const float *__restrict__ part, int nmix,
-                             const float *__restrict__ base, const float *__restrict__ scale,
-                             int iters, float hc_eps, float norm_eps, const float *__restrict__ w,
-                             int head, float *__restrict__ out, float *__restrict__ post_out,
-                             float *__restrict__ comb_out)
+__global__ void __launch_bounds__(HCF_FIN_THREADS + 32)
+    hcf_finish_k(const float *__restrict__ X, int n, int d, const float *__restrict__ part,
+                 int nmix, const float *__restrict__ base, const float *__restrict__ scale,
+                 int iters, float hc_eps, float norm_eps, const float *__restrict__ w, int head,
+                 float *__restrict__ out, float *__restrict__ post_out,
+                 float *__restrict__ comb_out)
 {
     kern__pdl_wait();
     kern__pdl_launch();
@@ -210,17 +226,20 @@ __global__ void hcf_finish_k(const float *__restrict__ X, int n, int d,
     extern __shared__ __align__(16) float u[]; /* (d) */
     const int i = blockIdx.x, len = n * d;
     const float *Xt = X + (size_t)i * len;
+    constexpr int NT = HCF_FIN_THREADS; /* the collapse's threads; warp NT / 32 runs the gates */
+    const bool fin = threadIdx.x < NT;
     float ss = 0.0f; /* 16-byte loads, eight in flight per thread (len % 4 == 0) */
 #pragma unroll 8
-    for (int k = threadIdx.x; k < len / 4; k += blockDim.x) {
+    for (int k = threadIdx.x; fin && k < len / 4; k += NT) {
         const float4 v = ((const float4 *)Xt)[k];
         ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
     }
+    /* (the gates' warp adds 0: the same sum as over NT threads) */
     const float red = 1.0f / sqrtf(kern__block_sum(ss, sm) / (float)len + norm_eps);
     { /* warp w: mixes w, w + 16, ...; lane s loads slice s (all loads in flight at once), the
        * slices are added by a butterfly (fixed order) */
-        const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
-        for (int m = warp; m < nmix; m += nw) {
+        const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+        for (int m = warp; fin && m < nmix; m += NT / 32) {
             float v = part[((size_t)i * HCF_SLICES + lane) * nmix + m];
 #pragma unroll
             for (int o = 16; o; o >>= 1)
@@ -240,16 +259,22 @@ __global__ void hcf_finish_k(const float *__restrict__ X, int n, int d,
                 mix[threadIdx.x] * scale[threadIdx.x < 4 ? 0 : (threadIdx.x < 8 ? 1 : 2)] +
                 base[threadIdx.x];
         __syncthreads();
-        hcf_gates4(mix, iters, hc_eps, pre, post_out + (size_t)i * n, comb,
-                   comb_out + (size_t)i * n * n);
+        if (threadIdx.x == NT) /* post and comb (Sinkhorn) beside the collapse */
+            hcf_gates4(mix, iters, hc_eps, post_out + (size_t)i * n, comb_out + (size_t)i * n * n);
+        if (threadIdx.x < 4)
+            pre[threadIdx.x] = 1.0f / (1.0f + expf(-mix[threadIdx.x])) + hc_eps;
+        if (fin)
+            asm volatile("bar.sync 1, %0;\n" ::"n"(NT) : "memory");
     } else {
         ex_hc_gates(mix, n, base, scale, iters, hc_eps, pre, post_out + (size_t)i * n, comb,
                     comb_out + (size_t)i * n * n);
     }
+    if (!fin)
+        return;
     float us = 0.0f; /* 4 columns per thread and step (d % 4 == 0) */
     float4 *u4 = (float4 *)u;
 #pragma unroll 2
-    for (int c = threadIdx.x; c < d / 4; c += blockDim.x) {
+    for (int c = threadIdx.x; c < d / 4; c += NT) {
         float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         for (int k = 0; k < n; k++) {
             const float4 x = ((const float4 *)(Xt + (size_t)k * d))[c];
@@ -261,8 +286,8 @@ __global__ void hcf_finish_k(const float *__restrict__ X, int n, int d,
         u4[c] = acc;
         us += acc.x * acc.x + acc.y * acc.y + acc.z * acc.z + acc.w * acc.w;
     }
-    const float r = 1.0f / sqrtf(kern__block_sum(us, sm) / (float)d + norm_eps);
-    for (int c = threadIdx.x; c < d / 4; c += blockDim.x) {
+    const float r = 1.0f / sqrtf(hcf_fin_sum(us, sm) / (float)d + norm_eps);
+    for (int c = threadIdx.x; c < d / 4; c += NT) {
         const float4 v = u4[c];
         float4 o = make_float4(v.x * r, v.y * r, v.z * r, v.w * r);
         if (w) {
@@ -303,8 +328,8 @@ static int hcf_run(const float *X, int T, int n, int d, const float *fn, int nmi
                      st, 1, X, T, len, fn, nmix, part))
         return ERR_CUDA;
     EX_LAUNCH_CHECK();
-    if (kern__launch(hcf_finish_k, T, HCF_FIN_THREADS, sizeof(float) * (size_t)d, st, 1, X, n, d,
-                     part, nmix, base, scale, iters, hc_eps, norm_eps, w, head, out, post, comb))
+    if (kern__launch(hcf_finish_k, T, HCF_FIN_THREADS + 32, sizeof(float) * (size_t)d, st, 1, X, n,
+                     d, part, nmix, base, scale, iters, hc_eps, norm_eps, w, head, out, post, comb))
         return ERR_CUDA;
     EX_LAUNCH_CHECK();
     return 0;
