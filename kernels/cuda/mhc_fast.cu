@@ -212,27 +212,64 @@ __device__ __forceinline__ float hcf_fin_sum(float v, float *sm)
  * + eps), then the gates (pre, post, comb; head == 0) or the head's pre only (head == 1), then
  * u = sum_k pre[k] X[k] and RMSNorm(w) into out (T, d). float4 loads and stores (d % 4 == 0,
  * rows 16-byte aligned).
+ *
+ * CJ > 0 (n == 4, d / 4 <= CJ * HCF_FIN_THREADS, CJ <= 3): thread t holds X[k][t + HCF_FIN_THREADS
+ * j] (j < CJ, float4 columns) of every stream in registers for both passes, and loads them, with
+ * the static parameters (w, scale, base), before the dependency wait. X is not the projection's
+ * output: it was written by the kernel before the projection (hc_post, the embedding or the
+ * head's gather), and the projection signals its dependents only after its own dependency
+ * wait, i.e. after that kernel completed and flushed its writes; the loads go through L2
+ * (__ldcg), the coherent level. Only `part` needs the wait. At CJ = 2 (Flash: n 4, d 4096) the
+ * sums run in the generic path's order, so the result is the same bit for bit.
  */
-__global__ void __launch_bounds__(HCF_FIN_THREADS + 32)
+template <int CJ>
+__global__ void __launch_bounds__(HCF_FIN_THREADS + 32, 1)
     hcf_finish_k(const float *__restrict__ X, int n, int d, const float *__restrict__ part,
                  int nmix, const float *__restrict__ base, const float *__restrict__ scale,
                  int iters, float hc_eps, float norm_eps, const float *__restrict__ w, int head,
                  float *__restrict__ out, float *__restrict__ post_out,
                  float *__restrict__ comb_out)
 {
+    constexpr int NT = HCF_FIN_THREADS; /* the collapse's threads; warp NT / 32 runs the gates */
+    __shared__ float sm[32], mix[HCF_MIXMAX], pre[HCF_MAX], comb[HCF_MAX * HCF_MAX];
+    extern __shared__ __align__(16) float u[]; /* (d), CJ == 0 only */
+    const int i = blockIdx.x, len = n * d, d4 = d / 4;
+    const bool fin = threadIdx.x < NT;
+    const float *Xt = X + (size_t)i * len;
+    float4 xr[CJ > 0 ? 4 : 1][CJ > 0 ? CJ : 1], wr[CJ > 0 ? CJ : 1];
+    float zs = 0.0f, zb = 0.0f; /* thread m < nmix: the scale and base of mix m */
+    if (threadIdx.x < nmix) {
+        zs = scale[head ? 0 : (threadIdx.x < 4 ? 0 : (threadIdx.x < 8 ? 1 : 2))];
+        zb = base[threadIdx.x];
+    }
+    if (CJ > 0) {
+#pragma unroll
+        for (int j = 0; j < CJ; j++) {
+            const int c = threadIdx.x + NT * j;
+            const bool in = fin && c < d4;
+            wr[j] = in && w ? ((const float4 *)w)[c] : make_float4(1.0f, 1.0f, 1.0f, 1.0f);
+#pragma unroll
+            for (int k = 0; k < 4; k++)
+                xr[k][j] = in ? __ldcg((const float4 *)(Xt + (size_t)k * d) + c)
+                              : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        }
+    }
     kern__pdl_wait();
     kern__pdl_launch();
-    __shared__ float sm[32], mix[HCF_MIXMAX], pre[HCF_MAX], comb[HCF_MAX * HCF_MAX];
-    extern __shared__ __align__(16) float u[]; /* (d) */
-    const int i = blockIdx.x, len = n * d;
-    const float *Xt = X + (size_t)i * len;
-    constexpr int NT = HCF_FIN_THREADS; /* the collapse's threads; warp NT / 32 runs the gates */
-    const bool fin = threadIdx.x < NT;
-    float ss = 0.0f; /* 16-byte loads, eight in flight per thread (len % 4 == 0) */
+    float ss = 0.0f;
+    if (CJ > 0) { /* in the order of the loop below at CJ = 2 */
+#pragma unroll
+        for (int k = 0; k < 4; k++)
+#pragma unroll
+            for (int j = 0; j < CJ; j++)
+                ss += xr[k][j].x * xr[k][j].x + xr[k][j].y * xr[k][j].y + xr[k][j].z * xr[k][j].z +
+                      xr[k][j].w * xr[k][j].w;
+    } else { /* 16-byte loads, eight in flight per thread (len % 4 == 0) */
 #pragma unroll 8
-    for (int k = threadIdx.x; fin && k < len / 4; k += NT) {
-        const float4 v = ((const float4 *)Xt)[k];
-        ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+        for (int k = threadIdx.x; fin && k < len / 4; k += NT) {
+            const float4 v = ((const float4 *)Xt)[k];
+            ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+        }
     }
     /* (the gates' warp adds 0: the same sum as over NT threads) */
     const float red = 1.0f / sqrtf(kern__block_sum(ss, sm) / (float)len + norm_eps);
@@ -251,13 +288,11 @@ __global__ void __launch_bounds__(HCF_FIN_THREADS + 32)
     __syncthreads();
     if (head) {
         if (threadIdx.x < n)
-            pre[threadIdx.x] = ex_sigmoid(mix[threadIdx.x] * scale[0] + base[threadIdx.x]) + hc_eps;
+            pre[threadIdx.x] = ex_sigmoid(mix[threadIdx.x] * zs + zb) + hc_eps;
         __syncthreads();
     } else if (n == 4) {
-        if (threadIdx.x < nmix) /* the gates' inputs, every parameter load at once */
-            mix[threadIdx.x] =
-                mix[threadIdx.x] * scale[threadIdx.x < 4 ? 0 : (threadIdx.x < 8 ? 1 : 2)] +
-                base[threadIdx.x];
+        if (threadIdx.x < nmix) /* the gates' inputs */
+            mix[threadIdx.x] = mix[threadIdx.x] * zs + zb;
         __syncthreads();
         if (threadIdx.x == NT) /* post and comb (Sinkhorn) beside the collapse */
             hcf_gates4(mix, iters, hc_eps, post_out + (size_t)i * n, comb_out + (size_t)i * n * n);
@@ -272,9 +307,35 @@ __global__ void __launch_bounds__(HCF_FIN_THREADS + 32)
     if (!fin)
         return;
     float us = 0.0f; /* 4 columns per thread and step (d % 4 == 0) */
+    if (CJ > 0) {
+        float4 acc[CJ > 0 ? CJ : 1];
+#pragma unroll
+        for (int j = 0; j < CJ; j++) {
+            acc[j] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                acc[j].x += pre[k] * xr[k][j].x;
+                acc[j].y += pre[k] * xr[k][j].y;
+                acc[j].z += pre[k] * xr[k][j].z;
+                acc[j].w += pre[k] * xr[k][j].w;
+            }
+            us += acc[j].x * acc[j].x + acc[j].y * acc[j].y + acc[j].z * acc[j].z +
+                  acc[j].w * acc[j].w;
+        }
+        const float r = 1.0f / sqrtf(hcf_fin_sum(us, sm) / (float)d + norm_eps);
+#pragma unroll
+        for (int j = 0; j < CJ; j++) {
+            const int c = threadIdx.x + NT * j;
+            if (c < d4) /* (w: ones where absent) */
+                ((float4 *)(out + (size_t)i * d))[c] =
+                    make_float4(wr[j].x * (acc[j].x * r), wr[j].y * (acc[j].y * r),
+                                wr[j].z * (acc[j].z * r), wr[j].w * (acc[j].w * r));
+        }
+        return;
+    }
     float4 *u4 = (float4 *)u;
 #pragma unroll 2
-    for (int c = threadIdx.x; c < d / 4; c += NT) {
+    for (int c = threadIdx.x; c < d4; c += NT) {
         float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         for (int k = 0; k < n; k++) {
             const float4 x = ((const float4 *)(Xt + (size_t)k * d))[c];
@@ -287,7 +348,7 @@ __global__ void __launch_bounds__(HCF_FIN_THREADS + 32)
         us += acc.x * acc.x + acc.y * acc.y + acc.z * acc.z + acc.w * acc.w;
     }
     const float r = 1.0f / sqrtf(hcf_fin_sum(us, sm) / (float)d + norm_eps);
-    for (int c = threadIdx.x; c < d / 4; c += NT) {
+    for (int c = threadIdx.x; c < d4; c += NT) {
         const float4 v = u4[c];
         float4 o = make_float4(v.x * r, v.y * r, v.z * r, v.w * r);
         if (w) {
@@ -328,8 +389,17 @@ static int hcf_run(const float *X, int T, int n, int d, const float *fn, int nmi
                      st, 1, X, T, len, fn, nmix, part))
         return ERR_CUDA;
     EX_LAUNCH_CHECK();
-    if (kern__launch(hcf_finish_k, T, HCF_FIN_THREADS + 32, sizeof(float) * (size_t)d, st, 1, X, n,
-                     d, part, nmix, base, scale, iters, hc_eps, norm_eps, w, head, out, post, comb))
+    const int cj = n == 4 ? (d / 4 + HCF_FIN_THREADS - 1) / HCF_FIN_THREADS : 0;
+    void (*fk)(const float *, int, int, const float *, int, const float *, const float *, int,
+               float, float, const float *, int, float *, float *, float *) =
+        cj == 1   ? hcf_finish_k<1>
+        : cj == 2 ? hcf_finish_k<2>
+        : cj == 3 ? hcf_finish_k<3>
+                  : hcf_finish_k<0>; /* (at 4, 20 bytes of the registers spill) */
+    /* (CJ > 0 keeps u in registers, no shared copy) */
+    if (kern__launch(fk, T, HCF_FIN_THREADS + 32,
+                     cj >= 1 && cj <= 3 ? 0 : sizeof(float) * (size_t)d, st, 1, X, n, d, part, nmix,
+                     base, scale, iters, hc_eps, norm_eps, w, head, out, post, comb))
         return ERR_CUDA;
     EX_LAUNCH_CHECK();
     return 0;
