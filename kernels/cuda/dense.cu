@@ -137,6 +137,53 @@ __global__ void hc_post_k(const float *f, const float *R, const float *post, con
     }
 }
 
+/*
+ * hc_post_k for 4 streams (d % 4 == 0): thread (c, t) computes float4 column c of the 4 output
+ * streams of row t, in hc_post_k's order (the same bits). R and the gates are loaded before the
+ * dependency wait: they were written before the sub-layer (hc_post / the embedding; the mHC
+ * finish), and the kernel before this one signals its dependents only after its own dependency
+ * wait, i.e. after those writers completed; through L2 (__ldcg), the coherent level. Only f, the
+ * sub-layer's output, needs the wait.
+ */
+#define HCP4_THREADS 128
+__global__ void __launch_bounds__(HCP4_THREADS)
+    hc_post4_k(const float *__restrict__ f, const float *__restrict__ R,
+               const float *__restrict__ post, const float *__restrict__ comb, int d,
+               float *__restrict__ Xout)
+{
+    const int t = blockIdx.y, c = blockIdx.x * HCP4_THREADS + threadIdx.x;
+    const bool in = c < d / 4;
+    float4 r[4];
+    float p[4], cm[16];
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+        r[j] = in ? __ldcg((const float4 *)(R + ((size_t)t * 4 + j) * d) + c)
+                  : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+    for (int k = 0; k < 4; k++)
+        p[k] = __ldcg(post + (size_t)t * 4 + k);
+#pragma unroll
+    for (int q = 0; q < 16; q++)
+        cm[q] = __ldcg(comb + (size_t)t * 16 + q);
+    kern__pdl_wait();
+    kern__pdl_launch();
+    if (!in)
+        return;
+    const float4 fv = ((const float4 *)(f + (size_t)t * d))[c];
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        float4 a = make_float4(p[k] * fv.x, p[k] * fv.y, p[k] * fv.z, p[k] * fv.w);
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            a.x += cm[j * 4 + k] * r[j].x;
+            a.y += cm[j * 4 + k] * r[j].y;
+            a.z += cm[j * 4 + k] * r[j].z;
+            a.w += cm[j * 4 + k] * r[j].w;
+        }
+        ((float4 *)(Xout + ((size_t)t * 4 + k) * d))[c] = a;
+    }
+}
+
 extern "C" int kern_hc_post(const float *f, const float *R, const float *post, const float *comb,
                             int T, int n_hc, int d, float *Xout, cudaStream_t st)
 {
@@ -144,6 +191,14 @@ extern "C" int kern_hc_post(const float *f, const float *R, const float *post, c
         return 0;
     if (T > 65535)
         return ERR_UNSUPPORTED;
+    if (n_hc == 4 && d % 4 == 0) {
+        if (kern__launch(hc_post4_k,
+                         dim3((unsigned)((d / 4 + HCP4_THREADS - 1) / HCP4_THREADS), (unsigned)T),
+                         HCP4_THREADS, 0, st, 1, f, R, post, comb, d, Xout))
+            return ERR_CUDA;
+        EX_LAUNCH_CHECK();
+        return 0;
+    }
     unsigned gx = (unsigned)((n_hc * d + DENSE_THREADS * 4 - 1) / (DENSE_THREADS * 4));
     if (kern__launch(hc_post_k, dim3(gx, (unsigned)T), DENSE_THREADS, 0, st, 1, f, R, post, comb,
                      n_hc, d, Xout))
