@@ -876,8 +876,21 @@ static int quantizable(const struct kern_qmat *W)
     return W->fmt == KERN_W_FP8 || W->fmt == KERN_W_MXFP4;
 }
 
-/* hc_pre of a sub-layer: x (T, d) normed input, post, comb. */
-static int hc_pre(struct cuda_impl *ci, const struct dev_hc *h, const float *norm, int T)
+/* s->xb now holds act_to_xb's result for these arguments */
+static void xb_made(struct cuda_impl *ci, const float *x, int T, int w, int fp8, int split,
+                    int perm)
+{
+    ci->xb_src = x, ci->xb_T = T, ci->xb_w = w, ci->xb_fp8 = fp8;
+    ci->xb_split = split, ci->xb_perm = perm;
+}
+
+/*
+ * hc_pre of a sub-layer: x (T, d) normed input, post, comb. The fast path also makes the BF16
+ * input that the linears `use` (NULL: none) would make from x (act_to_xb: their FP8 round trip,
+ * unsplit, unpermuted), one launch fewer, when they all take that one.
+ */
+static int hc_pre(struct cuda_impl *ci, const struct dev_hc *h, const float *norm, int T,
+                  const struct dev_lin *const *use, int nuse)
 {
     const struct dsv4_config *c = &ci->m->cfg;
     struct scratch *s = &ci->s;
@@ -886,9 +899,16 @@ static int hc_pre(struct cuda_impl *ci, const struct dev_hc *h, const float *nor
     if (ci->exact)
         return kern_hc_pre(s->X, T, n, d, h->fn, h->base, h->scale, c->hc_sinkhorn_iters,
                            (float)c->hc_eps, eps, norm, s->x, s->post, s->comb, ci->stream);
-    return kern_hc_pre_fast(s->X, T, n, d, h->fn, h->base, h->scale, c->hc_sinkhorn_iters,
-                            (float)c->hc_eps, eps, norm, s->mix, s->x, s->post, s->comb,
-                            ci->stream);
+    int xb = nuse > 0 && ci->quant && d % 128 == 0;
+    for (int i = 0; i < nuse && xb; i++) /* lin_grouped's choice for an FP8 linear of x */
+        xb = use[i]->p.data && quantizable(&use[i]->q) && use[i]->q.cols == d &&
+             !kern_gemm_fp8_perm(use[i]->q.rows, 1, T);
+    int rc = kern_hc_pre_fast(s->X, T, n, d, h->fn, h->base, h->scale, c->hc_sinkhorn_iters,
+                              (float)c->hc_eps, eps, norm, s->mix, s->x, xb ? s->xb : NULL,
+                              s->post, s->comb, ci->stream);
+    if (!rc && xb)
+        xb_made(ci, s->x, T, d, 1, 0, 0);
+    return rc;
 }
 
 /* hc_post of a sub-layer: the next residual streams from s->out into X2, which becomes X. */
@@ -942,8 +962,7 @@ static int act_to_xb(struct cuda_impl *ci, const float *x, int ldx, int T, int w
         rc = kern_act_bf16(x, ldx, T, w, split, perm, s->xb, ci->stream);
     if (rc)
         return rc;
-    ci->xb_src = x, ci->xb_T = T, ci->xb_w = w, ci->xb_fp8 = fp8;
-    ci->xb_split = split, ci->xb_perm = perm;
+    xb_made(ci, x, T, w, fp8, split, perm);
     return 0;
 }
 
@@ -1051,7 +1070,10 @@ static int attention_sublayer(struct cuda_impl *ci, int li, const struct kern_ba
     const int csa = sp->attn == DSV4_ATTN_CSA;
     int rc;
     clear_xb(ci);
-    TRY(hc_pre(ci, &L->hc_attn, L->attn_norm, T));
+    {
+        const struct dev_lin *use[2] = {&L->wq_a, &L->wkv};
+        TRY(hc_pre(ci, &L->hc_attn, L->attn_norm, T, use, 2));
+    }
     prof_mark(ci, PR_HC);
     /* The compressor branch: the compressor and indexer projections of x as is, then the
      * compressors (their entries land in the blocks). With the side stream and a fused
@@ -1146,7 +1168,7 @@ static int moe_sublayer(struct cuda_impl *ci, int li, const struct kern_batch *b
     const float limit = (float)c->swiglu_limit;
     int rc;
     clear_xb(ci);
-    TRY(hc_pre(ci, &L->hc_ffn, L->ffn_norm, T));
+    TRY(hc_pre(ci, &L->hc_ffn, L->ffn_norm, T, NULL, 0));
     prof_mark(ci, PR_HC);
     if (ci->nvfp4) { /* route + routed experts + shared expert, BF16 activations */
         TRY(kern_moe_forward(&L->moe, s->x, b->tokens, T, s->out, s->moe_ws, ci->moe_ws_bytes, st));

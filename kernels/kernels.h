@@ -436,10 +436,12 @@ int kern_gemv_bf16(const struct kern_gemv_mat *m, int n, const float *x, int ldx
  * the exact kernels, not between row counts). ws: kern_hc_fast_ws_floats(T, n_hc) floats;
  * gather_ws: (nsel, n*d) floats. -- */
 size_t kern_hc_fast_ws_floats(int T, int n_hc);
+/* xb: NULL, or (T, d) also written as kern_act_quant_bf16 (perm 0) would make it from x (d % 128
+ * == 0; else ERR_UNSUPPORTED) */
 int kern_hc_pre_fast(const float *X, int T, int n_hc, int d, const float *fn, const float *base,
                      const float *scale, int iters, float hc_eps, float norm_eps,
-                     const float *norm_w, float *ws, float *x, float *post, float *comb,
-                     struct CUstream_st *stream);
+                     const float *norm_w, float *ws, float *x, uint16_t *xb, float *post,
+                     float *comb, struct CUstream_st *stream);
 int kern_hc_head_fast(const float *X, const int32_t *rows, int nsel, int n_hc, int d,
                       const float *fn, const float *base, const float *scale, float hc_eps,
                       float norm_eps, const float *norm_w, float *gather_ws, float *ws, float *y,

@@ -12,6 +12,8 @@
 
 #include "kernels/cuda/exact.cuh"
 
+#include <cuda_bf16.h>
+
 #define HCF_THREADS 256
 #define HCF_FIN_THREADS                                                                            \
     512 /* hcf_finish_k: one row per block, latency-bound: more loads in flight; one more warp     \
@@ -208,6 +210,27 @@ __device__ __forceinline__ float hcf_fin_sum(float v, float *sm)
 }
 
 /*
+ * Float4 column c of row i into out, and (xb) its FP8 round trip in BF16 as act_quant_bf16_k
+ * makes it: a warp holds 32 consecutive float4 columns (c = 32 w + HCF_FIN_THREADS k), i.e. one
+ * 128-column block when d % 128 == 0, and the block's scale is from its |max| (exact in any
+ * order). Called by every lane of a warp with columns in range.
+ */
+__device__ __forceinline__ void hcf_put(float *out, __nv_bfloat16 *xb, int i, int d, int c,
+                                        float4 o)
+{
+    ((float4 *)(out + (size_t)i * d))[c] = o;
+    if (!xb)
+        return;
+    float a = fmaxf(fmaxf(fabsf(o.x), fabsf(o.y)), fmaxf(fabsf(o.z), fabsf(o.w)));
+    for (int m = 16; m; m >>= 1)
+        a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, m));
+    const float s = ex_pow2_scale(fmaxf(1e-4f, a), 448.0f);
+    __nv_bfloat162 *p = (__nv_bfloat162 *)(xb + (size_t)i * d + 4 * c);
+    p[0] = __floats2bfloat162_rn(ex_fp8_rt(o.x, s), ex_fp8_rt(o.y, s));
+    p[1] = __floats2bfloat162_rn(ex_fp8_rt(o.z, s), ex_fp8_rt(o.w, s));
+}
+
+/*
  * One row per block: the mix (the slices summed by a butterfly) times the row's rsqrt(mean(X^2)
  * + eps), then the gates (pre, post, comb; head == 0) or the head's pre only (head == 1), then
  * u = sum_k pre[k] X[k] and RMSNorm(w) into out (T, d). float4 loads and stores (d % 4 == 0,
@@ -227,8 +250,8 @@ __global__ void __launch_bounds__(HCF_FIN_THREADS + 32, 1)
     hcf_finish_k(const float *__restrict__ X, int n, int d, const float *__restrict__ part,
                  int nmix, const float *__restrict__ base, const float *__restrict__ scale,
                  int iters, float hc_eps, float norm_eps, const float *__restrict__ w, int head,
-                 float *__restrict__ out, float *__restrict__ post_out,
-                 float *__restrict__ comb_out)
+                 float *__restrict__ out, __nv_bfloat16 *__restrict__ xb,
+                 float *__restrict__ post_out, float *__restrict__ comb_out)
 {
     constexpr int NT = HCF_FIN_THREADS; /* the collapse's threads; warp NT / 32 runs the gates */
     __shared__ float sm[32], mix[HCF_MIXMAX], pre[HCF_MAX], comb[HCF_MAX * HCF_MAX];
@@ -327,9 +350,9 @@ __global__ void __launch_bounds__(HCF_FIN_THREADS + 32, 1)
         for (int j = 0; j < CJ; j++) {
             const int c = threadIdx.x + NT * j;
             if (c < d4) /* (w: ones where absent) */
-                ((float4 *)(out + (size_t)i * d))[c] =
-                    make_float4(wr[j].x * (acc[j].x * r), wr[j].y * (acc[j].y * r),
-                                wr[j].z * (acc[j].z * r), wr[j].w * (acc[j].w * r));
+                hcf_put(out, xb, i, d, c,
+                        make_float4(wr[j].x * (acc[j].x * r), wr[j].y * (acc[j].y * r),
+                                    wr[j].z * (acc[j].z * r), wr[j].w * (acc[j].w * r)));
         }
         return;
     }
@@ -355,7 +378,7 @@ __global__ void __launch_bounds__(HCF_FIN_THREADS + 32, 1)
             const float4 g = ((const float4 *)w)[c];
             o = make_float4(g.x * o.x, g.y * o.y, g.z * o.z, g.w * o.w);
         }
-        ((float4 *)(out + (size_t)i * d))[c] = o;
+        hcf_put(out, xb, i, d, c, o);
     }
 }
 
@@ -373,11 +396,12 @@ __global__ void hcf_gather_k(const float *__restrict__ X, const int32_t *__restr
 /* mix projection + finish over T rows of X. */
 static int hcf_run(const float *X, int T, int n, int d, const float *fn, int nmix,
                    const float *base, const float *scale, int iters, float hc_eps, float norm_eps,
-                   const float *w, int head, float *part, float *out, float *post, float *comb,
-                   cudaStream_t st)
+                   const float *w, int head, float *part, float *out, uint16_t *xb, float *post,
+                   float *comb, cudaStream_t st)
 {
     const int len = n * d;
-    if (n > HCF_MAX || n < 1 || len % HCF_SLICES || d % 4 || (T + HCF_ROWS - 1) / HCF_ROWS > 65535)
+    if (n > HCF_MAX || n < 1 || len % HCF_SLICES || d % 4 ||
+        (T + HCF_ROWS - 1) / HCF_ROWS > 65535 || (xb && d % 128))
         return ERR_UNSUPPORTED;
     if (T <= 0)
         return 0;
@@ -391,7 +415,7 @@ static int hcf_run(const float *X, int T, int n, int d, const float *fn, int nmi
     EX_LAUNCH_CHECK();
     const int cj = n == 4 ? (d / 4 + HCF_FIN_THREADS - 1) / HCF_FIN_THREADS : 0;
     void (*fk)(const float *, int, int, const float *, int, const float *, const float *, int,
-               float, float, const float *, int, float *, float *, float *) =
+               float, float, const float *, int, float *, __nv_bfloat16 *, float *, float *) =
         cj == 1   ? hcf_finish_k<1>
         : cj == 2 ? hcf_finish_k<2>
         : cj == 3 ? hcf_finish_k<3>
@@ -399,7 +423,8 @@ static int hcf_run(const float *X, int T, int n, int d, const float *fn, int nmi
     /* (CJ > 0 keeps u in registers, no shared copy) */
     if (kern__launch(fk, T, HCF_FIN_THREADS + 32,
                      cj >= 1 && cj <= 3 ? 0 : sizeof(float) * (size_t)d, st, 1, X, n, d, part, nmix,
-                     base, scale, iters, hc_eps, norm_eps, w, head, out, post, comb))
+                     base, scale, iters, hc_eps, norm_eps, w, head, out, (__nv_bfloat16 *)xb, post,
+                     comb))
         return ERR_CUDA;
     EX_LAUNCH_CHECK();
     return 0;
@@ -413,10 +438,10 @@ extern "C" size_t kern_hc_fast_ws_floats(int T, int n_hc)
 extern "C" int kern_hc_pre_fast(const float *X, int T, int n_hc, int d, const float *fn,
                                 const float *base, const float *scale, int iters, float hc_eps,
                                 float norm_eps, const float *norm_w, float *ws, float *x,
-                                float *post, float *comb, cudaStream_t st)
+                                uint16_t *xb, float *post, float *comb, cudaStream_t st)
 {
     return hcf_run(X, T, n_hc, d, fn, (2 + n_hc) * n_hc, base, scale, iters, hc_eps, norm_eps,
-                   norm_w, 0, ws, x, post, comb, st);
+                   norm_w, 0, ws, x, xb, post, comb, st);
 }
 
 extern "C" int kern_hc_head_fast(const float *X, const int32_t *rows, int nsel, int n_hc, int d,
@@ -434,5 +459,5 @@ extern "C" int kern_hc_head_fast(const float *X, const int32_t *rows, int nsel, 
         return ERR_CUDA;
     EX_LAUNCH_CHECK();
     return hcf_run(gather_ws, nsel, n_hc, d, fn, n_hc, base, scale, 0, hc_eps, norm_eps, norm_w, 1,
-                   ws, y, NULL, NULL, st);
+                   ws, y, NULL, NULL, NULL, st);
 }

@@ -320,7 +320,7 @@ static void test_mhc(int d)
 #define MHC_RUN(r0, t, out)                                                                        \
     (kern_memset(dout, 0xff, sizeof(float) * nout) ||                                              \
      kern_hc_pre_fast(dx + (r0)*len, t, N, d, dfn, dbase, dscale, 20, 1e-6f, 1e-6f, dnorm, dws,    \
-                      dy + (size_t)(r0)*d, dpost + (r0)*N, dcomb + (r0)*N * N, NULL) ||            \
+                      dy + (size_t)(r0)*d, NULL, dpost + (r0)*N, dcomb + (r0)*N * N, NULL) ||      \
      kern_sync() || kern_d2h(out, dout, sizeof(float) * nout))
 #define HEAD_RUN(r0, t, out)                                                                       \
     (kern_memset(dout, 0xff, sizeof(float) * nout) ||                                              \
@@ -368,6 +368,27 @@ static void test_mhc(int d)
     rc = rc || HEAD_RUN(0, T, o3);
     for (int k = 0; k < T * d && !rc; k++)
         finite &= isfinite(o3[k]);
+    /* the BF16 input of the FP8 linears made by the finish: bit for bit kern_act_quant_bf16 of
+     * the same x (d % 128 == 0 only), every row, both buffers poisoned first */
+    if (d % 128 == 0 && !rc) {
+        void *dxb = NULL;
+        uint16_t *hxb = malloc(sizeof(uint16_t) * 2 * T * d);
+        int same_xb = 0;
+        rc = !hxb || kern_malloc(&dxb, sizeof(uint16_t) * 2 * T * d) ||
+             kern_memset(dxb, 0xff, sizeof(uint16_t) * 2 * T * d) ||
+             kern_hc_pre_fast(dx, T, N, d, dfn, dbase, dscale, 20, 1e-6f, 1e-6f, dnorm, dws, dy,
+                              dxb, dpost, dcomb, NULL) ||
+             kern_act_quant_bf16(dy, d, T, d, 0, (uint16_t *)dxb + T * d, NULL) || kern_sync() ||
+             kern_d2h(hxb, dxb, sizeof(uint16_t) * 2 * T * d);
+        if (!rc)
+            same_xb = !memcmp(hxb, hxb + T * d, sizeof(uint16_t) * T * d);
+        tap(!rc && same_xb,
+            "mhc fast d=%d: hc_pre's FP8-rounded BF16 copy of x (3 rows) bit-identical to "
+            "kern_act_quant_bf16: %s",
+            d, same_xb ? "yes" : "NO");
+        kern_free(dxb);
+        free(hxb);
+    }
     double err_h = 0.0; /* hc_head against cpu_hc_head, then RMSNorm(norm_w) in FP64 */
     for (int k = 0; k < T && !rc; k++) {
         cpu_hc_head(h + (size_t)k * len, N, d, hfn, hbase, hscale, 1e-6f, 1e-6f, u);
