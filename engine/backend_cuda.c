@@ -904,11 +904,21 @@ static int hc_pre(struct cuda_impl *ci, const struct dev_hc *h, const float *nor
         xb = use[i]->p.data && quantizable(&use[i]->q) && use[i]->q.cols == d &&
              !kern_gemm_fp8_perm(use[i]->q.rows, 1, T);
     int rc = kern_hc_pre_fast(s->X, T, n, d, h->fn, h->base, h->scale, c->hc_sinkhorn_iters,
-                              (float)c->hc_eps, eps, norm, s->mix, s->x, xb ? s->xb : NULL,
-                              s->post, s->comb, ci->stream);
+                              (float)c->hc_eps, eps, norm, s->mix, s->x, xb ? s->xb : NULL, s->post,
+                              s->comb, ci->stream);
     if (!rc && xb)
         xb_made(ci, s->x, T, d, 1, 0, 0);
     return rc;
+}
+
+/* After hc_post: X2 (the next residual streams) becomes X. */
+static void hc_swap(struct cuda_impl *ci)
+{
+    struct scratch *s = &ci->s;
+    prof_mark(ci, PR_HC);
+    float *tmp = s->X;
+    s->X = s->X2;
+    s->X2 = tmp;
 }
 
 /* hc_post of a sub-layer: the next residual streams from s->out into X2, which becomes X. */
@@ -918,13 +928,9 @@ static int hc_post(struct cuda_impl *ci, int T)
     struct scratch *s = &ci->s;
     int rc = kern_hc_post(s->out, s->X, s->post, s->comb, T, c->hc_mult, c->hidden_size, s->X2,
                           ci->stream);
-    if (rc)
-        return rc;
-    prof_mark(ci, PR_HC);
-    float *tmp = s->X;
-    s->X = s->X2;
-    s->X2 = tmp;
-    return 0;
+    if (!rc)
+        hc_swap(ci);
+    return rc;
 }
 
 /* The activations of a linear: as computed, a linear_q's FP8 round trip to apply first, or
@@ -1122,8 +1128,12 @@ static int attention_sublayer(struct cuda_impl *ci, int li, const struct kern_ba
     prof_mark(ci, PR_PROJ);
     if (cst != st)
         TRY(kern_stream_wait(st, ci->ev[EV_WI]));
+    /* one row per sequence (decode): the window entries are written here, not after the
+     * attention (the attention reads a row's own latent from s->kv) */
+    const int win_early = b->max_n == 1;
     TRY(kern_attn_prep(s->q, s->kv, s->qi, s->wi, b, H, hd, L->kv_norm, csa ? Hi : 0, Di, r, inv,
-                       eps, ci->quant, !ci->exact, st));
+                       eps, ci->quant, !ci->exact, win_early ? &ci->cache : NULL, &L->cache,
+                       c->sliding_window, st));
     prof_mark(ci, PR_PREP);
     if (cst != st)
         TRY(kern_stream_wait(st, ci->ev[EV_COMP]));
@@ -1137,11 +1147,20 @@ static int attention_sublayer(struct cuda_impl *ci, int li, const struct kern_ba
         TRY(kern_sink_attention(b, &ci->cache, &L->cache, s->q, s->kv, csa ? s->sel : NULL,
                                 c->index_topk, L->attn_sink, H, hd, c->sliding_window, r, inv, s->o,
                                 st));
-    else
+    else {
+        /* wo_a's input as lin_grouped makes it (BF16 hi + lo, unpermuted) from the splits'
+         * merge, where it runs: one launch fewer */
+        const int g = c->o_groups,
+                  xb = L->wo_a.p.data && !kern_gemm_fp8_perm(c->o_lora_rank, g, 2 * T);
+        int made = 0;
         TRY(kern_sink_attention_fast(b, &ci->cache, &L->cache, s->q, s->kv, csa ? s->sel : NULL,
                                      c->index_topk, L->attn_sink, H, hd, c->sliding_window, r, inv,
-                                     s->o, s->att_ws, st));
-    TRY(kern_window_write(b, &ci->cache, &L->cache, s->kv, hd, c->sliding_window, st));
+                                     s->o, s->att_ws, xb ? s->xb : NULL, &made, st));
+        if (made)
+            xb_made(ci, s->o, T, H * hd, 0, 1, 0);
+    }
+    if (!win_early)
+        TRY(kern_window_write(b, &ci->cache, &L->cache, s->kv, hd, c->sliding_window, st));
     prof_mark(ci, PR_ATTN);
     /* grouped output projection: group g's rows of wo_a read group g's slice of o */
     {
@@ -1171,7 +1190,19 @@ static int moe_sublayer(struct cuda_impl *ci, int li, const struct kern_batch *b
     TRY(hc_pre(ci, &L->hc_ffn, L->ffn_norm, T, NULL, 0));
     prof_mark(ci, PR_HC);
     if (ci->nvfp4) { /* route + routed experts + shared expert, BF16 activations */
-        TRY(kern_moe_forward(&L->moe, s->x, b->tokens, T, s->out, s->moe_ws, ci->moe_ws_bytes, st));
+        /* their sum inside hc_post's kernel where it takes it (one launch fewer) */
+        struct kern_moe_sum sum;
+        TRY(kern_moe_forward_parts(&L->moe, s->x, b->tokens, T, &sum, s->moe_ws, ci->moe_ws_bytes,
+                                   st));
+        prof_mark(ci, PR_MOE);
+        rc = kern_hc_post_moe(&sum, s->X, s->post, s->comb, T, c->hc_mult, d, s->X2, st);
+        if (!rc) {
+            hc_swap(ci);
+            return 0;
+        }
+        if (rc != ERR_UNSUPPORTED)
+            goto fail;
+        TRY(kern_moe_sum_rows(&sum, T, d, s->out, st));
         goto post;
     }
     TRY(kern_linear(&L->gate, s->x, d, T, s->mlog, E, 0, 0, st));

@@ -151,6 +151,25 @@ int kern_moe_experts(const struct kern_moe_layer *L, const float *x, const int32
 /* Route + experts. tokens as for kern_moe_route. */
 int kern_moe_forward(const struct kern_moe_layer *L, const float *x, const int32_t *tokens, int T,
                      float *out, void *ws, size_t ws_bytes, struct CUstream_st *stream);
+/*
+ * The MoE output before its last sum: out (T, d) = the sum over slots j, in slot order, of
+ * yslot[t*K + j] (a slot whose id idx[t][j] is outside [0, E) adds nothing), + ysh[t] (NULL:
+ * + 0). Device pointers into a kern_moe_forward workspace, valid until its next use.
+ */
+struct kern_moe_sum {
+    const float *yslot; /* (T*K, d) */
+    const float *ysh;   /* (T, d) or NULL */
+    const int32_t *idx; /* (T, K) */
+    int K, E;
+};
+/* kern_moe_forward but for the sum: *sum says where its parts are (kern_moe_sum_rows adds them,
+ * kern_hc_post_moe takes them directly). */
+int kern_moe_forward_parts(const struct kern_moe_layer *L, const float *x, const int32_t *tokens,
+                           int T, struct kern_moe_sum *sum, void *ws, size_t ws_bytes,
+                           struct CUstream_st *stream);
+/* out (T, d) = the sum m describes (d % 4 == 0). */
+int kern_moe_sum_rows(const struct kern_moe_sum *m, int T, int d, float *out,
+                      struct CUstream_st *stream);
 
 /* ---- dense FP8 linears through the same GEMM (the GPU engine's fast path) ---- */
 
@@ -286,6 +305,11 @@ int kern_hc_pre(const float *X, int T, int n_hc, int d, const float *fn, const f
 /* Xout (T, n_hc, d) = hc_post(f (T, d), R (T, n_hc, d), post, comb); Xout must not alias R. */
 int kern_hc_post(const float *f, const float *R, const float *post, const float *comb, int T,
                  int n_hc, int d, float *Xout, struct CUstream_st *stream);
+/* kern_hc_post with f = the MoE output m describes, summed inside the same kernel (the same
+ * bits as kern_moe_sum_rows then kern_hc_post); n_hc == 4 and d % 4 == 0, else ERR_UNSUPPORTED. */
+int kern_hc_post_moe(const struct kern_moe_sum *m, const float *R, const float *post,
+                     const float *comb, int T, int n_hc, int d, float *Xout,
+                     struct CUstream_st *stream);
 /* y (nsel, d) = RMSNorm(norm_w)(hc_head(X row rows[i])); fn (n, n*d), base (n), scale (1). */
 int kern_hc_head(const float *X, const int32_t *rows, int nsel, int n_hc, int d, const float *fn,
                  const float *base, const float *scale, float hc_eps, float norm_eps,
@@ -304,10 +328,13 @@ int kern_act_quant_bf16(const float *x, int ldx, int T, int cols, int perm, uint
 /* One launch, in place: q (T, H, hd) weightless RMSNorm per head and RoPE of the trailing
  * rope_dim dims; kv (T, hd) RMSNorm(kv_w), RoPE and (quant) the FP8 round trip of the nope dims;
  * when Hi > 0 the indexer queries qi (T, Hi, Di): RoPE and (quant) Hadamard + FP4 round trip,
- * and wi (T, Hi) *= 1/sqrt(Hi). fast as for kern_rmsnorm. */
+ * and wi (T, Hi) *= 1/sqrt(Hi). fast as for kern_rmsnorm. With c (and l, W) set, also the
+ * window entries kern_window_write would store; only for batches of one row per sequence
+ * (b->max_n == 1, else ERR_INVAL), where no row of the step reads the entry a row overwrites. */
 int kern_attn_prep(float *q, float *kv, float *qi, float *wi, const struct kern_batch *b, int H,
                    int hd, const float *kv_w, int Hi, int Di, int rope_dim, const float *inv_freq,
-                   float eps, int quant, int fast, struct CUstream_st *stream);
+                   float eps, int quant, int fast, const struct kern_cache *c,
+                   const struct kern_layer_cache *l, int W, struct CUstream_st *stream);
 /* h (P, I) = w[p] * silu(min(g, limit)) * clamp(u, +-limit) (w NULL: 1), then (quant) the FP8
  * round trip per 128 columns. h may alias g. */
 int kern_swiglu(const float *g, const float *u, int P, int I, float limit, const float *w,
@@ -349,13 +376,15 @@ int kern_sink_attention(const struct kern_batch *b, const struct kern_cache *c,
  * short steps split the keys over blocks (ws: kern_attention_fast_ws_floats(H, hd) floats, or
  * NULL: no split); FP32 summation order differs, and at hd 512 the products run on the tensor
  * cores as BF16 hi + lo splits (~16 significant bits each; DSV4_CUDA_ATTN=simt: CUDA cores).
- * hd % 128 == 0, hd <= 512. */
+ * hd % 128 == 0, hd <= 512. xb (NULL: none; else 2T rows of H hd BF16): where the splits'
+ * merge runs, it also writes o there as kern_act_bf16 (split, unpermuted) would, and sets
+ * *xb_done (else 0; xb_done may be NULL). */
 size_t kern_attention_fast_ws_floats(int H, int hd);
 int kern_sink_attention_fast(const struct kern_batch *b, const struct kern_cache *c,
                              const struct kern_layer_cache *l, const float *q, const float *kv,
                              const int32_t *sel, int topk, const float *sinks, int H, int hd, int W,
-                             int rope_dim, const float *inv_freq, float *o, float *ws,
-                             struct CUstream_st *stream);
+                             int rope_dim, const float *inv_freq, float *o, float *ws, uint16_t *xb,
+                             int *xb_done, struct CUstream_st *stream);
 /* Write the last min(n, W) latents of each chunk into its slot's window ring. */
 int kern_window_write(const struct kern_batch *b, const struct kern_cache *c,
                       const struct kern_layer_cache *l, const float *kv, int hd, int W,

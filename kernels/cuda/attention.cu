@@ -117,14 +117,7 @@ __global__ void window_write_k(struct kern_batch b, struct kern_cache c, struct 
     const int row0 = b.seq_row0[s], n = b.seq_n[s], i = t - row0;
     if (i < n - W)
         return; /* overwritten later in this chunk */
-    const long pos = b.row_pos[t];
-    char *dst = c.state + (size_t)b.seq_slot[s] * c.slot_bytes + l.win + (size_t)(pos % W) * l.ent;
-    if (l.fp8) {
-        kvf_put_entry(kv + (size_t)t * hd, hd, l.rope, (uint8_t *)dst);
-        return;
-    }
-    for (int k = threadIdx.x; k < hd; k += blockDim.x)
-        ((float *)dst)[k] = kv[(size_t)t * hd + k];
+    kvf_put_window(b, c, l, t, kv + (size_t)t * hd, hd, W);
 }
 
 extern "C" int kern_window_write(const struct kern_batch *b, const struct kern_cache *c,

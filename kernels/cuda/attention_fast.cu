@@ -166,40 +166,76 @@ __global__ void __launch_bounds__(512)
 }
 
 /* One block per (row, head), a thread per pair of columns: merge the S partials (weights
- * exp(m_z - M), sums in split order), normalise, inverse RoPE of the pair if it is a RoPE one. */
+ * exp(m_z - M), sums in split order), normalise, inverse RoPE of the pair if it is a RoPE one.
+ * xb (NULL: not written): o also as BF16 hi (rows 0..T) and lo (rows T..2T) of H hd columns,
+ * as kern_act_bf16 (split, unpermuted) makes them. */
 __global__ void attn_combine_k(const float *part, int hd, int S, int H, int rope_dim,
-                               const float *inv_freq, const int32_t *row_pos, float *o)
+                               const float *inv_freq, const int32_t *row_pos, float *o, int T,
+                               __nv_bfloat16 *xb)
 {
+    __shared__ float wz[ATTF_MAXS], dz[ATTF_MAXS]; /* each split's weight and denominator */
     kern__pdl_wait();
     kern__pdl_launch();
     const int i2 = threadIdx.x, t = blockIdx.x / H;
     const float *p = part + (size_t)blockIdx.x * S * (hd + 2);
-    float M = -INFINITY;
-    for (int z = 0; z < S; z++)
-        M = fmaxf(M, p[(size_t)z * (hd + 2)]);
+    /* the first 8 splits' values loaded together with the splits' maxima (warp 0), then the
+     * same sums in the same order as one split after another: one memory round trip for S <= 8
+     * instead of one a split */
+    float2 x0[8];
+#pragma unroll
+    for (int z = 0; z < 8; z++)
+        if (z < S)
+            x0[z] = *(const float2 *)(p + (size_t)z * (hd + 2) + 2 + 2 * i2);
+    if (threadIdx.x < 32) {
+        const int z = threadIdx.x;
+        const float m = z < S ? p[(size_t)z * (hd + 2)] : -INFINITY;
+        const float dd = z < S ? p[(size_t)z * (hd + 2) + 1] : 0.0f;
+        float M = m;
+        for (int sh = 16; sh; sh >>= 1) /* max: exact in any order */
+            M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, sh));
+        wz[z] = z < S ? expf(m - M) : 0.0f;
+        dz[z] = dd;
+    }
+    __syncthreads();
     float den = 0.0f;
     float2 v = make_float2(0.0f, 0.0f);
-    for (int z = 0; z < S; z++) {
-        const float *pz = p + (size_t)z * (hd + 2);
-        const float w = expf(pz[0] - M);
-        den += pz[1] * w;
-        const float2 x = *(const float2 *)(pz + 2 + 2 * i2);
-        v.x += x.x * w;
-        v.y += x.y * w;
+#pragma unroll
+    for (int z = 0; z < 8; z++)
+        if (z < S) {
+            den += dz[z] * wz[z];
+            v.x += x0[z].x * wz[z];
+            v.y += x0[z].y * wz[z];
+        }
+    for (int z = 8; z < S; z++) {
+        const float2 x = *(const float2 *)(p + (size_t)z * (hd + 2) + 2 + 2 * i2);
+        den += dz[z] * wz[z];
+        v.x += x.x * wz[z];
+        v.y += x.y * wz[z];
     }
     float r[2] = {v.x / den, v.y / den};
     const int j = 2 * i2 - (hd - rope_dim); /* its place among the RoPE dims */
     if (j >= 0)
         ex_rope_pair(r, 0, inv_freq + j / 2, row_pos[t], 1);
     *(float2 *)(o + (size_t)blockIdx.x * hd + 2 * i2) = make_float2(r[0], r[1]);
+    if (xb) {
+        const __nv_bfloat162 hi = __floats2bfloat162_rn(r[0], r[1]);
+        const float2 hf = __bfloat1622float2(hi);
+        const size_t at = (size_t)blockIdx.x * hd + 2 * i2;
+        *(__nv_bfloat162 *)(xb + at) = hi;
+        *(__nv_bfloat162 *)(xb + (size_t)T * H * hd + at) =
+            __floats2bfloat162_rn(r[0] - hf.x, r[1] - hf.y);
+    }
 }
 
 static int attn_combine(const float *ws, int T, int H, int hd, int S, int rope_dim,
-                        const float *inv_freq, const int32_t *row_pos, float *o, cudaStream_t st)
+                        const float *inv_freq, const int32_t *row_pos, float *o, uint16_t *xb,
+                        int *xb_done, cudaStream_t st)
 {
     if (kern__launch(attn_combine_k, T * H, hd / 2, 0, st, 1, ws, hd, S, H, rope_dim, inv_freq,
-                     row_pos, o))
+                     row_pos, o, T, (__nv_bfloat16 *)xb))
         return ERR_CUDA;
+    if (xb_done)
+        *xb_done = xb != NULL;
     EX_LAUNCH_CHECK();
     return 0;
 }
@@ -294,8 +330,8 @@ __device__ __forceinline__ void atc_mma3(float (&d)[4], const uint32_t (&ah)[4],
     kern__mma_bf16(d, al[0], al[1], al[2], al[3], bh0, bh1);
 }
 
-template <int MT>
-__global__ void __launch_bounds__(MT * 128, 1)
+template <int MT, int SW>
+__global__ void __launch_bounds__(MT * 128 * SW, 1)
     sink_attn_tc_k(struct kern_batch b, struct kern_cache c, struct kern_layer_cache l,
                    const float *q, const float *kv, const int32_t *sel, int topk,
                    const float *sinks, int H, int W, int rope_dim, const float *inv_freq, float *o,
@@ -312,6 +348,7 @@ __global__ void __launch_bounds__(MT * 128, 1)
     int *kf32 = (int *)(kp + 2 * ATTF_KC);                /* (2, KC) FP32 key (fresh or layer) */
     const int t = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, c4 = lane & 3, mt = warp >> 2, qw = warp & 3;
+    const bool mma = warp < 4 * MT; /* the others (SW > 1) only stage queries and keys */
     const int h0 = blockIdx.y * NQ;
     const struct att_row a = att_row_of(b, l, t, W, topk);
     const int S = gridDim.z, z = blockIdx.z;
@@ -323,20 +360,20 @@ __global__ void __launch_bounds__(MT * 128, 1)
      * (one at a time, their latencies added up: 18.0 -> 16.2 us per call at one row, 49.6 ->
      * 47.0 at 64, H200, ncu) */
     {
-        constexpr int QPER = NQ * HD / 4 / (MT * 128), QB = 8;
+        constexpr int QPER = NQ * HD / 4 / (MT * 128 * SW), QB = 8;
         static_assert(QPER % QB == 0, "queries per thread");
 #pragma unroll
         for (int u0 = 0; u0 < QPER; u0 += QB) {
             float4 v[QB];
 #pragma unroll
             for (int u = 0; u < QB; u++) {
-                const int i = threadIdx.x + (u0 + u) * MT * 128, h = h0 + i / (HD / 4);
+                const int i = threadIdx.x + (u0 + u) * MT * 128 * SW, h = h0 + i / (HD / 4);
                 v[u] = h < H ? ((const float4 *)(q + ((size_t)t * H + h) * HD))[i % (HD / 4)]
                              : make_float4(0.f, 0.f, 0.f, 0.f);
             }
 #pragma unroll
             for (int u = 0; u < QB; u++) {
-                const int i = threadIdx.x + (u0 + u) * MT * 128;
+                const int i = threadIdx.x + (u0 + u) * MT * 128 * SW;
                 atc_put4(qh, ql, (size_t)(i / (HD / 4)) * LD + 4 * (i % (HD / 4)), v[u]);
             }
         }
@@ -366,7 +403,8 @@ __global__ void __launch_bounds__(MT * 128, 1)
     };
     key_addrs(jb);
     /* loads in flight per thread: 8, or 4 where the 512-thread block caps registers at 128 */
-    constexpr int NT = MT * 128, PER = ATTF_KC * HD / 4 / NT, BATCH = MT == 4 ? 4 : 8;
+    constexpr int NT = MT * 128 * SW, PER = ATTF_KC * HD / 4 / NT,
+                  BATCH = MT == 4 ? 4 : (PER < 8 ? PER : 8);
     const int i4 = threadIdx.x % (HD / 4), nope = HD - l.rope; /* the same column every item */
     for (int j0 = jb; j0 < nk; j0 += ATTF_KC) {
         const int nc = nk - j0 < ATTF_KC ? nk - j0 : ATTF_KC, buf = ((j0 - jb) / ATTF_KC) & 1;
@@ -391,7 +429,7 @@ __global__ void __launch_bounds__(MT * 128, 1)
         if (warp == 0)
             key_addrs(j0 + ATTF_KC);
         /* logits of heads 16 mt.. and keys 8 qw.. */
-        {
+        if (mma) {
             /* NA independent accumulators (k-steps mod NA): chains of 96 / NA MMAs; 2 where the
              * 512-thread block caps registers at 128 */
             constexpr int NA = MT == 4 ? 2 : 4;
@@ -422,6 +460,8 @@ __global__ void __launch_bounds__(MT * 128, 1)
             sr[8 * ATC_SLD + k0 + 1] = k0 + 1 < nc ? scale * sacc[3] : -INFINITY;
         }
         __syncthreads();
+        if (!mma)
+            continue;
         /* online softmax of rows g, g+8 over this chunk; P as A fragments (keys 16ks + ..) */
         uint32_t ph[2][4], pl[2][4];
         {
@@ -493,7 +533,9 @@ __global__ void __launch_bounds__(MT * 128, 1)
         }
     }
 
-    /* acc[n][0..1]: head hA, columns col0 + 8n + 2c (+1); acc[n][2..3]: head hB */
+    if (!mma)
+        return;
+        /* acc[n][0..1]: head hA, columns col0 + 8n + 2c (+1); acc[n][2..3]: head hB */
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         const int h = r ? hB : hA;
@@ -564,6 +606,22 @@ extern "C" size_t kern_attention_fast_ws_floats(int H, int hd)
     return (size_t)(4 * kern__sm_count() / groups + 16) * H * (hd + 2);
 }
 
+/* Shared memory of sink_attn_tc_k<MT, SW> allowed (once); 0 or ERR_UNSUPPORTED. */
+template <int MT, int SW> static int atc_smem_ok(void)
+{
+    static int ok; /* 1 set, -1 refused; benign race: idempotent */
+    if (!ok) {
+        ok = cudaFuncSetAttribute(sink_attn_tc_k<MT, SW>,
+                                  cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  (int)atc_smem(MT)) == cudaSuccess
+                 ? 1
+                 : -1;
+        if (ok < 0)
+            (void)cudaGetLastError(); /* not a launch failure of a later kernel */
+    }
+    return ok > 0 ? 0 : ERR_UNSUPPORTED;
+}
+
 /* The tensor-core kernel with 16 MT heads per block; key splits for about one wave (one
  * block per multiprocessor at 64 heads), within the workspace kern_attention_fast_ws_floats
  * sized. ERR_UNSUPPORTED: the caller falls back to the CUDA-core kernel. */
@@ -572,21 +630,9 @@ static int attention_tc_mt(const struct kern_batch *b, const struct kern_cache *
                            const struct kern_layer_cache *l, const float *q, const float *kv,
                            const int32_t *sel, int topk, const float *sinks, int H, int W,
                            int rope_dim, const float *inv_freq, float *o, float *ws, int nk_max,
-                           cudaStream_t st)
+                           uint16_t *xb, int *xb_done, cudaStream_t st)
 {
-    static int smem_ok; /* 1 set, -1 refused */
     const size_t smem = atc_smem(MT);
-    if (!smem_ok) {
-        smem_ok =
-            cudaFuncSetAttribute(sink_attn_tc_k<MT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 (int)smem) == cudaSuccess
-                ? 1
-                : -1;
-        if (smem_ok < 0)
-            (void)cudaGetLastError(); /* not a launch failure of a later kernel */
-    }
-    if (smem_ok < 0)
-        return ERR_UNSUPPORTED;
     const int groups = (H + 16 * MT - 1) / (16 * MT);
     int S = 1;
     if (ws) {
@@ -603,33 +649,54 @@ static int attention_tc_mt(const struct kern_batch *b, const struct kern_cache *
         S = S < 1 ? 1 : S;
     }
     dim3 grid((unsigned)b->T, (unsigned)groups, (unsigned)S);
-    if (kern__launch(sink_attn_tc_k<MT>, grid, MT * 128, smem, st, 1, *b, *c, *l, q, kv, sel, topk,
-                     sinks, H, W, rope_dim, inv_freq, o, ws))
+    int rc;
+    /* at most one block per multiprocessor (a decode step of a few rows): twice the warps,
+     * the second four only staging queries and keys, which take ~60 % of a block's
+     * instructions (ncu, batch 1: 4.4K instructions a warp at 6.7 cycles each, one warp a
+     * scheduler) */
+    constexpr int SW = MT == 1 ? 2 : 1;
+    if (SW > 1 && (long)b->T * groups * S <= kern__sm_count()) {
+        if ((rc = atc_smem_ok<MT, SW>()))
+            return rc;
+        rc = kern__launch(sink_attn_tc_k<MT, SW>, grid, MT * 128 * SW, smem, st, 1, *b, *c, *l, q,
+                          kv, sel, topk, sinks, H, W, rope_dim, inv_freq, o, ws);
+    } else {
+        if ((rc = atc_smem_ok<MT, 1>()))
+            return rc;
+        rc = kern__launch(sink_attn_tc_k<MT, 1>, grid, MT * 128, smem, st, 1, *b, *c, *l, q, kv,
+                          sel, topk, sinks, H, W, rope_dim, inv_freq, o, ws);
+    }
+    if (rc)
         return ERR_CUDA;
     EX_LAUNCH_CHECK();
-    return S > 1 ? attn_combine(ws, b->T, H, ATC_HD, S, rope_dim, inv_freq, b->row_pos, o, st) : 0;
+    return S > 1 ? attn_combine(ws, b->T, H, ATC_HD, S, rope_dim, inv_freq, b->row_pos, o, xb,
+                                xb_done, st)
+                 : 0;
 }
 
 static int attention_tc(const struct kern_batch *b, const struct kern_cache *c,
                         const struct kern_layer_cache *l, const float *q, const float *kv,
                         const int32_t *sel, int topk, const float *sinks, int H, int W,
                         int rope_dim, const float *inv_freq, float *o, float *ws, int nk_max,
-                        cudaStream_t st)
+                        uint16_t *xb, int *xb_done, cudaStream_t st)
 {
     /* 64 heads per block once the rows alone fill the multiprocessors, else 16 (more blocks) */
     if (H >= 64 && b->T >= kern__sm_count() / 3)
         return attention_tc_mt<4>(b, c, l, q, kv, sel, topk, sinks, H, W, rope_dim, inv_freq, o, ws,
-                                  nk_max, st);
+                                  nk_max, xb, xb_done, st);
     return attention_tc_mt<1>(b, c, l, q, kv, sel, topk, sinks, H, W, rope_dim, inv_freq, o, ws,
-                              nk_max, st);
+                              nk_max, xb, xb_done, st);
 }
 
 extern "C" int kern_sink_attention_fast(const struct kern_batch *b, const struct kern_cache *c,
                                         const struct kern_layer_cache *l, const float *q,
                                         const float *kv, const int32_t *sel, int topk,
                                         const float *sinks, int H, int hd, int W, int rope_dim,
-                                        const float *inv_freq, float *o, float *ws, cudaStream_t st)
+                                        const float *inv_freq, float *o, float *ws, uint16_t *xb,
+                                        int *xb_done, cudaStream_t st)
 {
+    if (xb_done)
+        *xb_done = 0;
     if (b->T <= 0)
         return 0;
     if ((l->ratio == 4 && !sel) || hd % 128 || hd > 32 * ATTF_MAXR || b->T > 0x7fffffff)
@@ -637,7 +704,7 @@ extern "C" int kern_sink_attention_fast(const struct kern_batch *b, const struct
     const int nk_max = W + (l->ratio == 4 ? topk : (l->ratio ? b->max_pos / l->ratio : 0));
     if (atc_enabled() && hd == ATC_HD && rope_dim <= hd / 4 && rope_dim % 2 == 0) {
         int rc = attention_tc(b, c, l, q, kv, sel, topk, sinks, H, W, rope_dim, inv_freq, o, ws,
-                              nk_max, st);
+                              nk_max, xb, xb_done, st);
         if (rc != ERR_UNSUPPORTED)
             return rc;
     }
@@ -658,5 +725,7 @@ extern "C" int kern_sink_attention_fast(const struct kern_batch *b, const struct
                      *c, *l, q, kv, sel, topk, sinks, H, hd, W, rope_dim, inv_freq, o, ws))
         return ERR_CUDA;
     EX_LAUNCH_CHECK();
-    return S > 1 ? attn_combine(ws, b->T, H, hd, S, rope_dim, inv_freq, b->row_pos, o, st) : 0;
+    return S > 1 ? attn_combine(ws, b->T, H, hd, S, rope_dim, inv_freq, b->row_pos, o, xb, xb_done,
+                                st)
+                 : 0;
 }

@@ -8,6 +8,8 @@
 #include <cuda_bf16.h>
 
 #include "kernels/cuda/exact.cuh"
+#include "kernels/cuda/kvfmt.cuh"
+#include "kernels/cuda/moe_sum.cuh"
 
 #define HC_MAX        16
 #define DENSE_THREADS 256
@@ -146,10 +148,11 @@ __global__ void hc_post_k(const float *f, const float *R, const float *post, con
  * sub-layer's output, needs the wait.
  */
 #define HCP4_THREADS 128
+template <bool MOE>
 __global__ void __launch_bounds__(HCP4_THREADS)
-    hc_post4_k(const float *__restrict__ f, const float *__restrict__ R,
-               const float *__restrict__ post, const float *__restrict__ comb, int d,
-               float *__restrict__ Xout)
+    hc_post4_k(const float *__restrict__ f, const struct kern_moe_sum m,
+               const float *__restrict__ R, const float *__restrict__ post,
+               const float *__restrict__ comb, int d, float *__restrict__ Xout)
 {
     const int t = blockIdx.y, c = blockIdx.x * HCP4_THREADS + threadIdx.x;
     const bool in = c < d / 4;
@@ -169,7 +172,8 @@ __global__ void __launch_bounds__(HCP4_THREADS)
     kern__pdl_launch();
     if (!in)
         return;
-    const float4 fv = ((const float4 *)(f + (size_t)t * d))[c];
+    /* MOE: f is the MoE output, summed here from its parts */
+    const float4 fv = MOE ? moe__sum_row4(m, t, c, d) : ((const float4 *)(f + (size_t)t * d))[c];
 #pragma unroll
     for (int k = 0; k < 4; k++) {
         float4 a = make_float4(p[k] * fv.x, p[k] * fv.y, p[k] * fv.z, p[k] * fv.w);
@@ -184,6 +188,31 @@ __global__ void __launch_bounds__(HCP4_THREADS)
     }
 }
 
+static int hc_post4(const float *f, const struct kern_moe_sum *m, const float *R, const float *post,
+                    const float *comb, int T, int d, float *Xout, cudaStream_t st)
+{
+    const dim3 grid((unsigned)((d / 4 + HCP4_THREADS - 1) / HCP4_THREADS), (unsigned)T);
+    const struct kern_moe_sum none = {};
+    if (m ? kern__launch(hc_post4_k<true>, grid, HCP4_THREADS, 0, st, 1, f, *m, R, post, comb, d,
+                         Xout)
+          : kern__launch(hc_post4_k<false>, grid, HCP4_THREADS, 0, st, 1, f, none, R, post, comb, d,
+                         Xout))
+        return ERR_CUDA;
+    EX_LAUNCH_CHECK();
+    return 0;
+}
+
+extern "C" int kern_hc_post_moe(const struct kern_moe_sum *m, const float *R, const float *post,
+                                const float *comb, int T, int n_hc, int d, float *Xout,
+                                cudaStream_t st)
+{
+    if (T <= 0)
+        return 0;
+    if (T > 65535 || n_hc != 4 || d % 4)
+        return ERR_UNSUPPORTED;
+    return hc_post4(NULL, m, R, post, comb, T, d, Xout, st);
+}
+
 extern "C" int kern_hc_post(const float *f, const float *R, const float *post, const float *comb,
                             int T, int n_hc, int d, float *Xout, cudaStream_t st)
 {
@@ -191,14 +220,8 @@ extern "C" int kern_hc_post(const float *f, const float *R, const float *post, c
         return 0;
     if (T > 65535)
         return ERR_UNSUPPORTED;
-    if (n_hc == 4 && d % 4 == 0) {
-        if (kern__launch(hc_post4_k,
-                         dim3((unsigned)((d / 4 + HCP4_THREADS - 1) / HCP4_THREADS), (unsigned)T),
-                         HCP4_THREADS, 0, st, 1, f, R, post, comb, d, Xout))
-            return ERR_CUDA;
-        EX_LAUNCH_CHECK();
-        return 0;
-    }
+    if (n_hc == 4 && d % 4 == 0)
+        return hc_post4(f, NULL, R, post, comb, T, d, Xout, st);
     unsigned gx = (unsigned)((n_hc * d + DENSE_THREADS * 4 - 1) / (DENSE_THREADS * 4));
     if (kern__launch(hc_post_k, dim3(gx, (unsigned)T), DENSE_THREADS, 0, st, 1, f, R, post, comb,
                      n_hc, d, Xout))
@@ -257,8 +280,7 @@ __global__ void rmsnorm_k(const float *x, const float *w, int n, float eps, int 
     __shared__ float red[32];
     extern __shared__ __align__(16) float v[]; /* (n) */
     const int t = blockIdx.x;
-    for (int i = threadIdx.x; i < n; i += blockDim.x)
-        v[i] = x[(size_t)t * n + i];
+    blk_load(v, x + (size_t)t * n, n);
     blk_rmsnorm(v, w, n, eps, fast, red);
     for (int i = threadIdx.x; i < n; i += blockDim.x)
         out[(size_t)t * n + i] = v[i];
@@ -352,23 +374,22 @@ __device__ __forceinline__ void q_head(float *q, const int32_t *row_pos, int t, 
                                        int fast, float *v, float *red)
 {
     float *qh = q + ((size_t)t * H + h) * hd;
-    for (int i = threadIdx.x; i < hd; i += blockDim.x)
-        v[i] = qh[i];
+    blk_load(v, qh, hd);
     blk_rmsnorm(v, NULL, hd, eps, fast, red);
     ex_block_rope(v + hd - rope_dim, rope_dim, inv_freq, row_pos[t], 0);
     for (int i = threadIdx.x; i < hd; i += blockDim.x)
         qh[i] = v[i];
 }
 
-/* KV latent of row t: RMSNorm(w), RoPE, (quant) the FP8 round trip of the nope dims */
+/* KV latent of row t: RMSNorm(w), RoPE, (quant) the FP8 round trip of the nope dims; returns
+ * it in v (shared) as well */
 __device__ __forceinline__ void kv_row(float *kv, const int32_t *row_pos, int t, int hd,
                                        const float *w, int rope_dim, const float *inv_freq,
                                        float eps, int quant, int fast, float *v, float *red,
                                        float *scales)
 {
     float *kt = kv + (size_t)t * hd;
-    for (int i = threadIdx.x; i < hd; i += blockDim.x)
-        v[i] = kt[i];
+    blk_load(v, kt, hd);
     blk_rmsnorm(v, w, hd, eps, fast, red);
     ex_block_rope(v + hd - rope_dim, rope_dim, inv_freq, row_pos[t], 0);
     if (quant)
@@ -383,8 +404,7 @@ __device__ __forceinline__ void iq_head(float *qi, float *wi, const int32_t *row
                                         int quant, float *v, float *scales)
 {
     float *qh = qi + ((size_t)t * Hi + h) * Di;
-    for (int i = threadIdx.x; i < Di; i += blockDim.x)
-        v[i] = qh[i];
+    blk_load(v, qh, Di);
     __syncthreads();
     ex_block_rope(v + Di - rope_dim, rope_dim, inv_freq, row_pos[t], 0);
     if (quant) {
@@ -403,6 +423,11 @@ struct attn_prep_args {
     const float *kv_w, *inv_freq;
     int T, H, hd, Hi, Di, rope_dim, quant, fast;
     float eps;
+    /* win: each KV row's window entry too (kern_window_write's store) */
+    struct kern_batch b;
+    struct kern_cache c;
+    struct kern_layer_cache l;
+    int W, win;
 };
 
 /* One launch for the three: blocks [0, T H) the q heads, [T H, T H + T) the KV rows, then the
@@ -417,10 +442,12 @@ __global__ void attn_prep_k(const struct attn_prep_args a)
     if (i < nq)
         q_head(a.q, a.row_pos, (int)(i / a.H), (int)(i % a.H), a.H, a.hd, a.rope_dim, a.inv_freq,
                a.eps, a.fast, v, red);
-    else if (i < nq + a.T)
+    else if (i < nq + a.T) {
         kv_row(a.kv, a.row_pos, (int)(i - nq), a.hd, a.kv_w, a.rope_dim, a.inv_freq, a.eps, a.quant,
                a.fast, v, red, scales);
-    else {
+        if (a.win)
+            kvf_put_window(a.b, a.c, a.l, (int)(i - nq), v, a.hd, a.W);
+    } else {
         const long j = i - nq - a.T;
         iq_head(a.qi, a.wi, a.row_pos, (int)(j / a.Hi), (int)(j % a.Hi), a.Hi, a.Di, a.rope_dim,
                 a.inv_freq, a.quant, v, scales);
@@ -430,13 +457,19 @@ __global__ void attn_prep_k(const struct attn_prep_args a)
 extern "C" int kern_attn_prep(float *q, float *kv, float *qi, float *wi, const struct kern_batch *b,
                               int H, int hd, const float *kv_w, int Hi, int Di, int rope_dim,
                               const float *inv_freq, float eps, int quant, int fast,
+                              const struct kern_cache *c, const struct kern_layer_cache *l, int W,
                               cudaStream_t st)
 {
     if (hd > 64 * 64 || (Hi && (Di > 128 * 32 || (Di & (Di - 1)))))
         return ERR_UNSUPPORTED;
     if (b->T <= 0)
         return 0;
-    struct attn_prep_args a;
+    if (c && b->max_n != 1)
+        return ERR_INVAL; /* a later row of a sequence may still need the entry overwritten */
+    struct attn_prep_args a = {};
+    a.b = *b, a.win = c != NULL, a.W = W;
+    if (c)
+        a.c = *c, a.l = *l;
     a.q = q, a.kv = kv, a.qi = qi, a.wi = wi;
     a.row_pos = b->row_pos, a.kv_w = kv_w, a.inv_freq = inv_freq;
     a.T = b->T, a.H = H, a.hd = hd, a.Hi = Hi, a.Di = Hi ? Di : 0;

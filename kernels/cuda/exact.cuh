@@ -442,6 +442,29 @@ __device__ __forceinline__ void ex_block_rmsnorm(float *x, const float *w, int n
 }
 
 /*
+ * v[0..n) (shared) = src[0..n) (global) by the whole block, four loads in flight per thread
+ * before any store (a store to shared memory between the loads of a generic pointer keeps them
+ * one round trip each). Visible to the block after its next barrier.
+ */
+__device__ __forceinline__ void blk_load(float *v, const float *__restrict__ src, int n)
+{
+    for (int i0 = 0; i0 < n; i0 += 4 * (int)blockDim.x) {
+        float r[4];
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            const int i = i0 + (int)threadIdx.x + u * (int)blockDim.x;
+            r[u] = i < n ? src[i] : 0.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            const int i = i0 + (int)threadIdx.x + u * (int)blockDim.x;
+            if (i < n)
+                v[i] = r[u];
+        }
+    }
+}
+
+/*
  * RMSNorm(w) of x (n floats in shared memory) by the whole block: the exact path's (the CPU's
  * sequential sum of squares, on one thread) or, fast, the sum over kern__block_sum's fixed tree
  * (FP32 rounding apart the same; 0.5-1 us per row for n = 512..1024 instead of 2-6 us).
@@ -458,8 +481,20 @@ __device__ __forceinline__ void blk_rmsnorm(float *x, const float *w, int n, flo
     for (int i = threadIdx.x; i < n; i += blockDim.x)
         ss += x[i] * x[i];
     const float r = 1.0f / sqrtf(kern__block_sum(ss, red) / (float)n + eps);
-    for (int i = threadIdx.x; i < n; i += blockDim.x)
-        x[i] = w ? w[i] * (x[i] * r) : x[i] * r;
+    for (int i0 = 0; i0 < n; i0 += 4 * (int)blockDim.x) { /* the weights' loads together */
+        float g[4];
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            const int i = i0 + (int)threadIdx.x + u * (int)blockDim.x;
+            g[u] = w && i < n ? w[i] : 1.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            const int i = i0 + (int)threadIdx.x + u * (int)blockDim.x;
+            if (i < n)
+                x[i] = w ? g[u] * (x[i] * r) : x[i] * r;
+        }
+    }
     __syncthreads();
 }
 

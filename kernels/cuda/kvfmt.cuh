@@ -16,6 +16,8 @@
 #include <cuda_fp8.h>
 #include <stdint.h>
 
+#include "kernels/kernels.h"
+
 __device__ __forceinline__ float kvf_e4m3(uint8_t b)
 {
     __half_raw h = __nv_cvt_fp8_to_halfraw((__nv_fp8_storage_t)b, __NV_E4M3);
@@ -90,6 +92,26 @@ __device__ __forceinline__ void kvf_put_entry(const float *e, int hd, int rope, 
     __nv_bfloat16 *r = (__nv_bfloat16 *)(dst + kvf_rope_at(nope));
     for (int i = threadIdx.x; i < rope; i += blockDim.x)
         r[i] = __float2bfloat16_rn(e[nope + i]);
+}
+
+/*
+ * Block-cooperative: the window entry of row t (its position's ring slot, in the layer's
+ * format) from e (hd floats; shared or global memory, written before and visible to the block).
+ */
+__device__ __forceinline__ void kvf_put_window(const struct kern_batch &b,
+                                               const struct kern_cache &c,
+                                               const struct kern_layer_cache &l, int t,
+                                               const float *e, int hd, int W)
+{
+    const long pos = b.row_pos[t];
+    char *dst = c.state + (size_t)b.seq_slot[b.row_seq[t]] * c.slot_bytes + l.win +
+                (size_t)(pos % W) * l.ent;
+    if (l.fp8) {
+        kvf_put_entry(e, hd, l.rope, (uint8_t *)dst);
+        return;
+    }
+    for (int k = threadIdx.x; k < hd; k += blockDim.x)
+        ((float *)dst)[k] = e[k];
 }
 
 #endif

@@ -28,6 +28,7 @@
 #include "kernels/cuda/moe_internal.cuh"
 
 #include "kernels/cuda/moe_gemm.cuh"
+#include "kernels/cuda/moe_sum.cuh"
 
 /*
  * One GEMM tile. Programmatic dependent launch: a kernel waits (griddepcontrol.wait) for its
@@ -707,46 +708,15 @@ __global__ void moe_gather(const int32_t *__restrict__ pos,      /* (T, K) */
     }
 }
 
-__global__ void moe_combine(const float *__restrict__ yslot, /* (T*K, d) */
-                            const float *__restrict__ ysh,   /* (T, d) or NULL */
-                            const int32_t *__restrict__ idx, /* (T, K) */
-                            int T, int K, int E, int d, float *__restrict__ out /* (T, d) */)
+__global__ void moe_combine(const struct kern_moe_sum m, int d,
+                            float *__restrict__ out /* (T, d) */)
 {
     const int t = blockIdx.y, k4 = blockIdx.x * blockDim.x + threadIdx.x;
     kern__pdl_wait();
     kern__pdl_launch();
     if (k4 * 4 >= d)
         return;
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    const float4 sh = ysh ? __ldg((const float4 *)(ysh + (size_t)t * d) + k4) : acc;
-    /* 8 slots at a time: their ids and outputs loaded together (one memory round trip, not
-     * one for the id and then one for the output), then added in slot order; an unused slot's
-     * row (id < 0) is read and discarded */
-    for (int j0 = 0; j0 < K; j0 += 8) {
-        int e[8];
-        float4 v[8];
-#pragma unroll
-        for (int j = 0; j < 8; j++)
-            if (j0 + j < K) {
-                e[j] = idx[(size_t)t * K + j0 + j];
-                v[j] = __ldg((const float4 *)(yslot + ((size_t)t * K + j0 + j) * d) + k4);
-            }
-#pragma unroll
-        for (int j = 0; j < 8; j++)
-            if (j0 + j < K && e[j] >= 0 && e[j] < E) {
-                acc.x += v[j].x;
-                acc.y += v[j].y;
-                acc.z += v[j].z;
-                acc.w += v[j].w;
-            }
-    }
-    if (ysh) {
-        acc.x += sh.x;
-        acc.y += sh.y;
-        acc.z += sh.z;
-        acc.w += sh.w;
-    }
-    ((float4 *)(out + (size_t)t * d))[k4] = acc;
+    ((float4 *)(out + (size_t)t * d))[k4] = moe__sum_row4(m, t, k4, d);
 }
 
 /* ---- host side ---- */
@@ -889,8 +859,9 @@ extern "C" size_t kern_moe_workspace_bytes(const struct kern_moe_layer *L, int T
 }
 
 static int moe_experts_ws(const struct kern_moe_layer *L, const float *x, const int32_t *idx,
-                          const float *w, int T, float *out, const struct moe_ws *ws,
-                          cudaStream_t st, int pdl_first, const prep_route &rt, int xb_ready)
+                          const float *w, int T, float *out, struct kern_moe_sum *sum,
+                          const struct moe_ws *ws, cudaStream_t st, int pdl_first,
+                          const prep_route &rt, int xb_ready)
 {
     int rc;
     const int d = L->d, I = L->I, E = L->E, K = L->K;
@@ -981,9 +952,23 @@ static int moe_experts_ws(const struct kern_moe_layer *L, const float *x, const 
                          : launch_nt<STAGE_DOWN>(NT, a, s, tiles_max, nsh, st);
     if (rc)
         return rc;
-    dim3 cg((d / 4 + 255) / 256, T);
-    return kern__launch(moe_combine, cg, dim3(256), 0, st, 1, (const float *)ws->yslot,
-                        (const float *)(L->sh13 ? ws->ysh : NULL), idx, T, K, E, d, out);
+    const struct kern_moe_sum m = {ws->yslot, L->sh13 ? ws->ysh : NULL, idx, K, E};
+    if (sum) {
+        *sum = m;
+        return 0;
+    }
+    return kern_moe_sum_rows(&m, T, d, out, st);
+}
+
+extern "C" int kern_moe_sum_rows(const struct kern_moe_sum *m, int T, int d, float *out,
+                                 struct CUstream_st *stream)
+{
+    if (T <= 0)
+        return 0;
+    if (d % 4 || T > 65535)
+        return ERR_UNSUPPORTED;
+    return kern__launch(moe_combine, dim3((d / 4 + 255) / 256, T), dim3(256), 0, stream, 1, *m, d,
+                        out);
 }
 
 extern "C" int kern_moe_experts(const struct kern_moe_layer *L, const float *x, const int32_t *idx,
@@ -994,12 +979,13 @@ extern "C" int kern_moe_experts(const struct kern_moe_layer *L, const float *x, 
     if (!ws || ws_bytes < lay.bytes)
         return ERR_INVAL;
     prep_route rt = {};
-    return moe_experts_ws(L, x, idx, w, T, out, &lay, stream, 0, rt, 0);
+    return moe_experts_ws(L, x, idx, w, T, out, NULL, &lay, stream, 0, rt, 0);
 }
 
-extern "C" int kern_moe_forward(const struct kern_moe_layer *L, const float *x,
-                                const int32_t *tokens, int T, float *out, void *ws, size_t ws_bytes,
-                                struct CUstream_st *stream)
+/* Route + experts; the sum into out, or (sum set) its parts described in *sum. */
+static int moe_forward(const struct kern_moe_layer *L, const float *x, const int32_t *tokens, int T,
+                       float *out, struct kern_moe_sum *sum, void *ws, size_t ws_bytes,
+                       cudaStream_t stream)
 {
     struct moe_ws lay = moe__ws_layout(L, T, ws);
     if (!ws || ws_bytes < lay.bytes)
@@ -1029,8 +1015,23 @@ extern "C" int kern_moe_forward(const struct kern_moe_layer *L, const float *x,
     if (!rc && !rt.logits)
         rc = moe__topk(L, lay.logits, tokens, T, lay.idx, lay.w, stream);
     if (!rc)
-        rc = moe_experts_ws(L, x, lay.idx, lay.w, T, out, &lay, stream, 1, rt, xb_ready);
+        rc = moe_experts_ws(L, x, lay.idx, lay.w, T, out, sum, &lay, stream, 1, rt, xb_ready);
     return rc;
+}
+
+extern "C" int kern_moe_forward(const struct kern_moe_layer *L, const float *x,
+                                const int32_t *tokens, int T, float *out, void *ws, size_t ws_bytes,
+                                struct CUstream_st *stream)
+{
+    return moe_forward(L, x, tokens, T, out, NULL, ws, ws_bytes, stream);
+}
+
+extern "C" int kern_moe_forward_parts(const struct kern_moe_layer *L, const float *x,
+                                      const int32_t *tokens, int T, struct kern_moe_sum *sum,
+                                      void *ws, size_t ws_bytes, struct CUstream_st *stream)
+{
+    *sum = (struct kern_moe_sum){};
+    return moe_forward(L, x, tokens, T, NULL, sum, ws, ws_bytes, stream);
 }
 
 /* ---- dense FP8 linears (the GPU engine's fast path) through the shared-expert GEMM ---- */

@@ -84,8 +84,11 @@ static void *dput(struct dev *d, const void *h, size_t n)
 /*
  * One step: ndec decode rows (one sequence each) then one chunk of nchunk rows; H heads; layer
  * ratio and format; ws: pass the split workspace. Returns the worst relative error (or -1).
+ * *xb_bad: where the kernel also wrote o's BF16 hi + lo rows (the split merge), the elements
+ * that differ from kern_act_bf16's conversion of o (on the host); -1 where it did not.
  */
-static double run_case(int H, int ratio, int fp8, int ndec, int nchunk, int use_ws, int *nonfinite)
+static double run_case(int H, int ratio, int fp8, int ndec, int nchunk, int use_ws, int *nonfinite,
+                       int *xb_bad)
 {
     const int nseq = ndec + (nchunk > 0), T = ndec + nchunk;
     const size_t ent = fp8 ? kern_kv_fp8_bytes(HD, ROPE) : (size_t)HD * sizeof(float);
@@ -98,12 +101,18 @@ static double run_case(int H, int ratio, int fp8, int ndec, int nchunk, int use_
     float *o1 = malloc(sizeof(float) * (size_t)T * H * HD);
     float *o2 = malloc(sizeof(float) * (size_t)T * H * HD);
     double worst = -1;
+    const size_t nxb = 2 * (size_t)T * H * HD;
+    uint16_t *xbh = malloc(sizeof(uint16_t) * nxb), *d_xb = NULL;
+    int xb_done = 0;
+    *xb_bad = -1;
     struct dev d = {{0}, 0};
     int nbt = 0, max_pos = 0, max_n = 1;
     /* sequences: decode rows at random positions, then the chunk */
     for (int s = 0; s < nseq; s++) {
         const int n = s < ndec ? 1 : nchunk;
-        const int pos0 = (int)(rnd() % (s < ndec ? 4000 : 1200)) + (s < ndec ? 0 : 100);
+        /* (a lone decode row past the window: its keys always split) */
+        const int pos0 =
+            (int)(rnd() % (s < ndec ? 4000 : 1200)) + (s < ndec ? (T == 1 ? WIN + 72 : 0) : 100);
         seq_row0[s] = s < ndec ? s : ndec;
         seq_n[s] = n;
         seq_slot[s] = s;
@@ -193,7 +202,9 @@ static double run_case(int H, int ratio, int fp8, int ndec, int nchunk, int use_
     const float *d_sinks = dput(&d, sinks, sizeof(float) * H);
     const float *d_inv = dput(&d, inv, sizeof(float) * ROPE / 2);
     if (!d_sel || !d_q || !d_kv || !d_sinks || !d_inv || kern_malloc((void **)&d_o, on) ||
-        kern_malloc((void **)&d_ws, sizeof(float) * wsn))
+        kern_malloc((void **)&d_ws, sizeof(float) * wsn) ||
+        kern_malloc((void **)&d_xb, sizeof(uint16_t) * nxb) || !xbh ||
+        kern_memset(d_xb, 0xff, sizeof(uint16_t) * nxb))
         goto out;
     const int32_t *cs = ratio == 4 ? d_sel : NULL;
     if (kern_memset(d_o, 0xff, on) ||
@@ -203,9 +214,18 @@ static double run_case(int H, int ratio, int fp8, int ndec, int nchunk, int use_
         goto out;
     if (kern_memset(d_o, 0xff, on) ||
         kern_sink_attention_fast(&b, &c, &l, d_q, d_kv, cs, TOPK, d_sinks, H, HD, WIN, ROPE, d_inv,
-                                 d_o, use_ws ? d_ws : NULL, NULL) ||
-        kern_sync() || kern_d2h(o2, d_o, on))
+                                 d_o, use_ws ? d_ws : NULL, d_xb, &xb_done, NULL) ||
+        kern_sync() || kern_d2h(o2, d_o, on) ||
+        (xb_done && kern_d2h(xbh, d_xb, sizeof(uint16_t) * nxb)))
         goto out;
+    if (xb_done) {
+        const size_t n = (size_t)T * H * HD;
+        *xb_bad = 0;
+        for (size_t i = 0; i < n; i++) {
+            const uint16_t hi = cpu_f32_to_bf16(o2[i]);
+            *xb_bad += xbh[i] != hi || xbh[n + i] != cpu_f32_to_bf16(o2[i] - cpu_bf16_to_f32(hi));
+        }
+    }
     worst = 0;
     *nonfinite = 0;
     for (int r = 0; r < T * H; r++) {
@@ -224,7 +244,8 @@ out:
         fprintf(stderr, "# CUDA: %s\n", kern_last_error());
     for (int i = 0; i < d.n; i++)
         kern_free(d.p[i]);
-    kern_free(d_o), kern_free(d_ws);
+    kern_free(d_o), kern_free(d_ws), kern_free(d_xb);
+    free(xbh);
     free(row_seq), free(row_pos), free(seq_row0), free(seq_n), free(seq_slot), free(seq_bt);
     free(bt), free(sel), free(q), free(kv), free(sinks), free(inv), free(o1), free(o2);
     free(state), free(blocks), free(state32), free(blocks32);
@@ -245,21 +266,25 @@ int main(void)
     for (int hi = 0; hi < 2; hi++)
         for (int ri = 0; ri < 3; ri++)
             for (int fp8 = 0; fp8 <= 1; fp8++)
-                for (int step = 0; step < 3; step++) {
+                for (int step = 0; step < 4; step++) {
                     /* 3 decode rows + a 37-row chunk with splits; 24 decode rows without the
-                     * workspace; 200 decode rows (long step: no splits) */
-                    const int ndec = step == 0 ? 3 : (step == 1 ? 24 : 200);
+                     * workspace; 200 decode rows (long step: no splits); 1 decode row (splits) */
+                    const int ndec = step == 0 ? 3 : (step == 1 ? 24 : (step == 2 ? 200 : 1));
                     const int nchunk = step == 0 ? 37 : 0, use_ws = step != 1;
-                    int nonfinite = 0;
-                    const double e =
-                        run_case(heads[hi], ratios[ri], fp8, ndec, nchunk, use_ws, &nonfinite);
-                    char msg[200];
+                    int nonfinite = 0, xb_bad;
+                    const double e = run_case(heads[hi], ratios[ri], fp8, ndec, nchunk, use_ws,
+                                              &nonfinite, &xb_bad);
+                    char msg[240];
                     snprintf(msg, sizeof msg,
                              "H %d ratio %d %s, %d decode rows + %d-row chunk%s: worst rel err "
-                             "%.2e (bound 1e-4), %d non-finite",
+                             "%.2e (bound 1e-4), %d non-finite; BF16 hi + lo of o: %s %d",
                              heads[hi], ratios[ri], fp8 ? "FP8" : "FP32", ndec, nchunk,
-                             use_ws ? ", splits" : "", e, nonfinite);
-                    tap(e >= 0 && e <= 1e-4 && nonfinite == 0, "%s", msg);
+                             use_ws ? ", splits" : "", e, nonfinite,
+                             xb_bad < 0 ? "not made" : "made, differing", xb_bad);
+                    /* the lone row's split merge must also write them */
+                    tap(e >= 0 && e <= 1e-4 && nonfinite == 0 &&
+                            (xb_bad == 0 || (xb_bad < 0 && step != 3)),
+                        "%s", msg);
                 }
     printf("1..%d\n", n_test);
     return n_fail ? 1 : 0;

@@ -15,6 +15,7 @@
  * Without a GPU: "1..0 # SKIP no CUDA device". Flags: --quick (Flash, T <= 64),
  * --small (d 256, I 256, E 128, T up to 4096: the compute-sanitizer case).
  */
+#include "engine/err.h"
 #include "kernels/kernels.h"
 #include "kernels/cpu/cpu.h"
 #include "kernels/cpu/nvfp4.h"
@@ -49,6 +50,74 @@ static void cpu_logits_row(const struct fx_layer *f, const float *x, float *lg)
             acc += (double)cpu_bf16_to_f32(f->gate_h[(size_t)e * f->d + k]) * x[k];
         lg[e] = (float)acc;
     }
+}
+
+/*
+ * kern_moe_forward_parts: its sum (kern_moe_sum_rows) bit for bit the forward's output `out`
+ * (host; b->out holds it on the device too); for T <= 64, kern_hc_post_moe bit for bit
+ * kern_hc_post of that output, and both within 1e-6 of hc_post in FP64 on the CPU (random
+ * residual streams and gates; outputs poisoned first). h: host scratch of T * d floats.
+ */
+static int parts_check(struct fx_layer *f, struct bufs *b, int T, const char *shape,
+                       const char *mode, const float *out, float *h)
+{
+    const int d = f->d;
+    const size_t nX = (size_t)T * 4 * d;
+    struct kern_moe_sum sum;
+    float *R = NULL, *gates = NULL, *X1 = NULL, *X2 = NULL; /* device */
+    float *Rh = NULL, *gh = NULL, *X1h = NULL, *X2h = NULL;
+    int rc;
+    if ((rc = kern_memset(b->out2, 0xff, sizeof(float) * (size_t)T * d)) ||
+        (rc = kern_moe_forward_parts(&f->L, b->x, b->tok, T, &sum, b->ws, b->ws_bytes, NULL)) ||
+        (rc = kern_moe_sum_rows(&sum, T, d, b->out2, NULL)) || (rc = kern_sync()) ||
+        (rc = kern_d2h(h, b->out2, sizeof(float) * (size_t)T * d)))
+        goto out;
+    tap(!memcmp(out, h, sizeof(float) * (size_t)T * d), "%s %s T=%d parts + sum == forward", shape,
+        mode, T);
+    if (T > 64)
+        goto out;
+    Rh = malloc(sizeof(float) * nX), gh = malloc(sizeof(float) * (size_t)T * 20);
+    X1h = malloc(sizeof(float) * nX), X2h = malloc(sizeof(float) * nX);
+    if (!Rh || !gh || !X1h || !X2h) {
+        rc = ERR_NOMEM;
+        goto out;
+    }
+    for (size_t i = 0; i < nX; i++)
+        Rh[i] = frand();
+    for (int i = 0; i < T * 20; i++) /* post (T, 4) then comb (T, 16) */
+        gh[i] = 0.5f * frand() + 0.5f;
+    if ((rc = kern_malloc((void **)&R, sizeof(float) * nX)) ||
+        (rc = kern_malloc((void **)&gates, sizeof(float) * (size_t)T * 20)) ||
+        (rc = kern_malloc((void **)&X1, sizeof(float) * nX)) ||
+        (rc = kern_malloc((void **)&X2, sizeof(float) * nX)) ||
+        (rc = kern_h2d(R, Rh, sizeof(float) * nX)) ||
+        (rc = kern_h2d(gates, gh, sizeof(float) * (size_t)T * 20)) ||
+        (rc = kern_memset(X1, 0xff, sizeof(float) * nX)) ||
+        (rc = kern_memset(X2, 0xff, sizeof(float) * nX)) ||
+        (rc = kern_hc_post(b->out, R, gates, gates + 4 * T, T, 4, d, X1, NULL)) ||
+        (rc = kern_hc_post_moe(&sum, R, gates, gates + 4 * T, T, 4, d, X2, NULL)) ||
+        (rc = kern_sync()) || (rc = kern_d2h(X1h, X1, sizeof(float) * nX)) ||
+        (rc = kern_d2h(X2h, X2, sizeof(float) * nX)))
+        goto out;
+    double num = 0, den = 0;
+    for (int t = 0; t < T; t++)
+        for (int k = 0; k < 4; k++)
+            for (int c = 0; c < d; c++) {
+                double r = (double)gh[t * 4 + k] * out[(size_t)t * d + c];
+                for (int j = 0; j < 4; j++)
+                    r += (double)gh[4 * T + t * 16 + j * 4 + k] * Rh[((size_t)t * 4 + j) * d + c];
+                const double o = X2h[((size_t)t * 4 + k) * d + c];
+                num += (o - r) * (o - r);
+                den += r * r;
+            }
+    const double rel = sqrt(num / (den > 0 ? den : 1));
+    tap(!memcmp(X1h, X2h, sizeof(float) * nX) && rel <= 1e-6,
+        "%s %s T=%d hc_post of the parts == hc_post of the sum (bits), rel err %.2e vs FP64", shape,
+        mode, T, rel);
+out:
+    kern_free(R), kern_free(gates), kern_free(X1), kern_free(X2);
+    free(Rh), free(gh), free(X1h), free(X2h);
+    return rc;
 }
 
 static int run_case(struct fx_layer *f, struct bufs *b, enum fx_route mode, int T, uint64_t seed,
@@ -167,6 +236,8 @@ static int run_case(struct fx_layer *f, struct bufs *b, enum fx_route mode, int 
     int fwd = !memcmp(out, out2, sizeof(float) * (size_t)T * d);
     tap(det && fwd, "%s %s T=%d bit-reproducible (%d), forward == route+experts (%d)", shape,
         mode_name[mode], T, det, fwd);
+    if ((rc = parts_check(f, b, T, shape, mode_name[mode], out, out2)))
+        goto out;
 
     /* against the FP64 reference */
     struct nvfp4_moe_host mh = {d, f->I, E, f->w1, f->w3, f->w2, &f->sh1.q, &f->sh3.q, &f->sh2.q};
