@@ -1024,6 +1024,30 @@ static int lin(struct cuda_impl *ci, const struct dev_lin *W, const float *x, in
     return lin_grouped(ci, W, x, W->q.cols, T, act, xq_buf, y, W->q.rows, 0, 0);
 }
 
+/*
+ * Y0 = W0 x and Y1 = W1 x (ACT_QUANT) for two linears of one input: one launch where both are
+ * packed FP8 on the small-step path (kern_gemm_fp8_pair), else lin() each.
+ */
+static int lin_pair(struct cuda_impl *ci, const struct dev_lin *W0, float *y0,
+                    const struct dev_lin *W1, float *y1, const float *x, int T, float *xq_buf)
+{
+    const int cols = W0->q.cols;
+    int rc;
+    if (ci->quant && W0->p.data && W1->p.data && quantizable(&W0->q) && quantizable(&W1->q) &&
+        W1->q.cols == cols && T <= 8 && !kern_gemm_fp8_perm(W0->q.rows, 1, T) &&
+        !kern_gemm_fp8_perm(W1->q.rows, 1, T)) {
+        if ((rc = act_to_xb(ci, x, cols, T, cols, 1, xq_buf, 0, 0)))
+            return rc;
+        rc = kern_gemm_fp8_pair(&W0->p, y0, W0->q.rows, &W1->p, y1, W1->q.rows, ci->s.xb, cols, T,
+                                ci->stream);
+        if (rc != ERR_UNSUPPORTED)
+            return rc;
+    }
+    if ((rc = lin(ci, W0, x, T, ACT_QUANT, xq_buf, y0)))
+        return rc;
+    return lin(ci, W1, x, T, ACT_QUANT, xq_buf, y1);
+}
+
 /* 1 when lin_shared_x runs W[0..n) as one CUDA-core launch (gemv_bf16.cu): the fast path,
  * BF16 weights of one input width, at most KERN_GEMV_MAX_T rows. */
 static int shared_x_fused(const struct cuda_impl *ci, const struct dev_lin *const *W, int n, int T)
@@ -1119,8 +1143,7 @@ static int attention_sublayer(struct cuda_impl *ci, int li, const struct kern_ba
     if (cst != st)
         TRY(kern_event_record(ci->ev[EV_COMP], cst));
     prof_mark(ci, PR_COMP);
-    TRY(lin(ci, &L->wq_a, s->x, T, ACT_QUANT, s->xq, s->qlat));
-    TRY(lin(ci, &L->wkv, s->x, T, ACT_QUANT, s->xq, s->kv));
+    TRY(lin_pair(ci, &L->wq_a, s->qlat, &L->wkv, s->kv, s->x, T, s->xq));
     TRY(kern_rmsnorm(s->qlat, L->q_norm, T, ql, eps, !ci->exact, s->qlat, st));
     TRY(lin(ci, &L->wq_b, s->qlat, T, ACT_QUANT, s->qlat_q, s->q));
     if (csa)

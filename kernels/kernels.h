@@ -195,6 +195,12 @@ int kern_gemm_fp8(const struct kern_fp8_mat *W, int groups, const uint16_t *xb, 
                   size_t x_goff, int T, float *y, int ldy, size_t y_goff,
                   struct CUstream_st *stream);
 
+/* y0 = W0 xb and y1 = W1 xb in one launch (two linears of one input, T <= 8 rows, the same
+ * cols; row strides ldy0, ldy1); ERR_UNSUPPORTED outside those limits. */
+int kern_gemm_fp8_pair(const struct kern_fp8_mat *W0, float *y0, int ldy0,
+                       const struct kern_fp8_mat *W1, float *y1, int ldy1, const uint16_t *xb,
+                       int ldx, int T, struct CUstream_st *stream);
+
 /* ---- thin runtime helpers, so C code needs no CUDA headers (kernels/cuda/runtime.cu) ---- */
 
 int kern_device_count(void);                        /* 0 when no device or no driver */

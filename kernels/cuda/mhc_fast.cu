@@ -294,12 +294,27 @@ __global__ void __launch_bounds__(HCF_FIN_THREADS + 32, 1)
             ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
         }
     }
+    /* warp w: mixes w, w + NT / 32, ...; lane s loads slice s. The first two mixes' loads are
+     * issued before the block sum below, so their round trip overlaps its barriers (n = 4: all
+     * 24); the slices are added by a butterfly (fixed order) */
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int m0 = warp, m1 = warp + NT / 32;
+    const float v0 = fin && m0 < nmix ? part[((size_t)i * HCF_SLICES + lane) * nmix + m0] : 0.0f,
+                v1 = fin && m1 < nmix ? part[((size_t)i * HCF_SLICES + lane) * nmix + m1] : 0.0f;
     /* (the gates' warp adds 0: the same sum as over NT threads) */
     const float red = 1.0f / sqrtf(kern__block_sum(ss, sm) / (float)len + norm_eps);
-    { /* warp w: mixes w, w + 16, ...; lane s loads slice s (all loads in flight at once), the
-       * slices are added by a butterfly (fixed order) */
-        const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-        for (int m = warp; fin && m < nmix; m += NT / 32) {
+    {
+        float a0 = v0, a1 = v1;
+#pragma unroll
+        for (int o = 16; o; o >>= 1) {
+            a0 += __shfl_xor_sync(0xffffffffu, a0, o);
+            a1 += __shfl_xor_sync(0xffffffffu, a1, o);
+        }
+        if (lane == 0 && fin && m0 < nmix)
+            mix[m0] = a0 * red;
+        if (lane == 0 && fin && m1 < nmix)
+            mix[m1] = a1 * red;
+        for (int m = m1 + NT / 32; fin && m < nmix; m += NT / 32) {
             float v = part[((size_t)i * HCF_SLICES + lane) * nmix + m];
 #pragma unroll
             for (int o = 16; o; o >>= 1)

@@ -36,6 +36,9 @@ struct gemm_args {
     /* dense linears in groups (blockIdx.z = group g): the operands of group g start at
      * w + g w_gstride, fac + g fac_gstride, in + g in_goff, yout + g out_goff */
     size_t w_gstride, fac_gstride, in_goff, out_goff;
+    /* a pair of dense linears of one input (moe_gemm's `sh` only): group 1 takes the operands
+     * of moe_gemm's `a` instead, and each group's blocks past its own rows exit */
+    int pair;
 };
 
 /* The operands of group z of a dense launch (a copy; z == 0: unchanged). */

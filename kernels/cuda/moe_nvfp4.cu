@@ -274,9 +274,19 @@ __global__ void __launch_bounds__(RB *KS * 32, NT == 1 && RB * KS == 4 ? 5 : 0)
     moe_gemm(const gemm_args a, const gemm_args sh, int sh_tiles)
 {
     __shared__ float red[(KS > 1 ? KS - 1 : 1) * RB * NT * 4 * 32];
-    if ((int)blockIdx.y < sh_tiles)
-        gemm_body<STAGE, WF_FP8, NT, RB, KS>(group_args(sh, blockIdx.z), blockIdx.y, red);
-    else
+    if ((int)blockIdx.y < sh_tiles) {
+        /* a pair (sh.pair): group 1 is `a`; a group's blocks past its rows exit (whole blocks:
+         * their warps share the row block). Each call takes a kernel parameter (or
+         * group_args' copy) directly: selecting the operands into one local copy first
+         * (`g = pair && z ? a : group_args(sh, z)`) computed group 0 wrongly with nvcc 13.0,
+         * the MoE's shared expert included (test_moe_gpu --small, test_linear_gpu pair). */
+        if (sh.pair && blockIdx.z) {
+            if ((int)blockIdx.x * RB * 16 < a.N)
+                gemm_body<STAGE, WF_FP8, NT, RB, KS>(a, blockIdx.y, red);
+        } else if ((int)blockIdx.x * RB * 16 < sh.N) {
+            gemm_body<STAGE, WF_FP8, NT, RB, KS>(group_args(sh, blockIdx.z), blockIdx.y, red);
+        }
+    } else
         gemm_body<STAGE, WF_NVFP4, NT, RB, KS>(a, blockIdx.y - sh_tiles, red);
 }
 
@@ -1047,14 +1057,10 @@ extern "C" int kern_gemm_fp8_perm(int rows, int groups, int T)
            (T >= 256 || (long)groups * (rows / (64 * MOE_WGS)) * ((T + BT - 1) / BT) >= 32);
 }
 
-extern "C" int kern_gemm_fp8(const struct kern_fp8_mat *W, int groups, const uint16_t *xb, int ldx,
-                             size_t x_goff, int T, float *y, int ldy, size_t y_goff,
-                             struct CUstream_st *stream)
+/* gemm_args of a dense linear W (one group): y (row stride ldy) = W xb (row stride ldx). */
+static gemm_args dense_args(const struct kern_fp8_mat *W, const uint16_t *xb, int ldx, int T,
+                            float *y, int ldy)
 {
-    if (T <= 0 || groups <= 0)
-        return 0;
-    if (W->rows % 128 || W->cols % 256 || ldx % 8 || x_goff % 8 || groups > 65535)
-        return ERR_UNSUPPORTED;
     gemm_args s = {};
     s.w = W->data;
     s.fac = W->fac;
@@ -1066,6 +1072,39 @@ extern "C" int kern_gemm_fp8(const struct kern_fp8_mat *W, int groups, const uin
     s.ldin = ldx;
     s.yout = y;
     s.ldout = ldy;
+    return s;
+}
+
+/*
+ * The mma.sync path of dense FP8 linears (8-token tiles): `a` sizes the grid (its rows), `s`
+ * holds group 0's operands (gemm_args: groups, pair); rowblocks: the 16-row blocks of all
+ * groups. Few 16-row blocks (wq_a, wkv, wo_b at N <= 4096): split K over 8 or 16 warps instead
+ * of 4, for ~2048 warps (~16 per SM) and so enough weight loads in flight (measured: batch 1
+ * step -33 us on the 8-layer Flash model, H200; fewer, longer warps for wq_b: no change).
+ */
+static int dense_mma(const gemm_args &a, const gemm_args &s, long rowblocks, int T, int groups,
+                     cudaStream_t stream)
+{
+    const int NT = T <= 8 ? 1 : (T <= 16 ? 2 : 4), ntile = (T + NT * 8 - 1) / (NT * 8);
+    const int kq = s.Kd / 256;
+    const long warps = rowblocks * ntile * 4;
+    if (NT == 1 && kq % 16 == 0 && warps * 2 < 2048) /* (NT 2 would spill at 16) */
+        return launch_gemm<STAGE_DOWN, 1, 1, 16>(a, s, 0, ntile, stream, groups);
+    if (NT <= 2 && kq % 8 == 0 && warps < 2048)
+        return NT == 1 ? launch_gemm<STAGE_DOWN, 1, 1, 8>(a, s, 0, ntile, stream, groups)
+                       : launch_gemm<STAGE_DOWN, 2, 1, 8>(a, s, 0, ntile, stream, groups);
+    return launch_nt<STAGE_DOWN>(NT, a, s, 0, ntile, stream, groups);
+}
+
+extern "C" int kern_gemm_fp8(const struct kern_fp8_mat *W, int groups, const uint16_t *xb, int ldx,
+                             size_t x_goff, int T, float *y, int ldy, size_t y_goff,
+                             struct CUstream_st *stream)
+{
+    if (T <= 0 || groups <= 0)
+        return 0;
+    if (W->rows % 128 || W->cols % 256 || ldx % 8 || x_goff % 8 || groups > 65535)
+        return ERR_UNSUPPORTED;
+    gemm_args s = dense_args(W, xb, ldx, T, y, ldy);
     s.w_gstride = kern_fp8_data_bytes(W->rows, W->cols);
     s.fac_gstride = kern_fp8_factor_count(W->rows, W->cols);
     s.in_goff = x_goff;
@@ -1075,16 +1114,24 @@ extern "C" int kern_gemm_fp8(const struct kern_fp8_mat *W, int groups, const uin
     if (kern_gemm_fp8_perm(W->rows, groups, T))
         return T >= 96 ? launch_wg<STAGE_DOWN, 128>(s, s, 0, (T + 127) / 128, stream, groups)
                        : launch_wg<STAGE_DOWN, 64>(s, s, 0, (T + 63) / 64, stream, groups);
-    const int NT = T <= 8 ? 1 : (T <= 16 ? 2 : 4), ntile = (T + NT * 8 - 1) / (NT * 8);
-    /* few 16-row blocks (wq_a, wkv, wo_b at N <= 4096): split K over 8 or 16 warps instead of 4,
-     * for ~2048 warps (~16 per SM) and so enough weight loads in flight (measured: batch 1
-     * step -33 us on the 8-layer Flash model, H200; fewer, longer warps for wq_b: no change) */
-    const int kq = s.Kd / 256;
-    const long warps = (long)groups * (s.N / 16) * ntile * 4;
-    if (NT == 1 && kq % 16 == 0 && warps * 2 < 2048) /* (NT 2 would spill at 16) */
-        return launch_gemm<STAGE_DOWN, 1, 1, 16>(s, s, 0, ntile, stream, groups);
-    if (NT <= 2 && kq % 8 == 0 && warps < 2048)
-        return NT == 1 ? launch_gemm<STAGE_DOWN, 1, 1, 8>(s, s, 0, ntile, stream, groups)
-                       : launch_gemm<STAGE_DOWN, 2, 1, 8>(s, s, 0, ntile, stream, groups);
-    return launch_nt<STAGE_DOWN>(NT, s, s, 0, ntile, stream, groups);
+    return dense_mma(s, s, (long)groups * (s.N / 16), T, groups, stream);
+}
+
+extern "C" int kern_gemm_fp8_pair(const struct kern_fp8_mat *W0, float *y0, int ldy0,
+                                  const struct kern_fp8_mat *W1, float *y1, int ldy1,
+                                  const uint16_t *xb, int ldx, int T, struct CUstream_st *stream)
+{
+    if (T <= 0)
+        return 0;
+    if (T > 8 || W0->cols != W1->cols || W0->rows % 128 || W1->rows % 128 || W0->cols % 256 ||
+        ldx % 8)
+        return ERR_UNSUPPORTED;
+    /* the one with more rows sizes the grid (moe_gemm's `a`, group 1); the other is group 0 */
+    const bool big1 = W1->rows >= W0->rows;
+    gemm_args a =
+        big1 ? dense_args(W1, xb, ldx, T, y1, ldy1) : dense_args(W0, xb, ldx, T, y0, ldy0);
+    gemm_args s =
+        big1 ? dense_args(W0, xb, ldx, T, y0, ldy0) : dense_args(W1, xb, ldx, T, y1, ldy1);
+    s.pair = 1;
+    return dense_mma(a, s, (W0->rows + W1->rows) / 16, T, 2, stream);
 }

@@ -3,7 +3,8 @@
  * reference (TAP, suite 'gpu'): kern_gemm_fp8 (FP8 128x128-block-scaled weights packed by
  * kern_fp8_pack, BF16 activations; both GEMM paths, group views of a packed matrix) and the
  * BF16 cuBLAS GEMM with hi + lo split activations (kern_act_bf16 + kern_add_split) and the
- * few-row BF16 CUDA-core linears (kern_gemv_bf16, FP32 x: <= 1e-5), at the real
+ * few-row BF16 CUDA-core linears (kern_gemv_bf16, FP32 x: <= 1e-5), two FP8 linears of one
+ * input in one launch (kern_gemm_fp8_pair, T <= 8), at the real
  * DeepSeek-V4-Flash shapes, T in {1, 7, 33, 300}, fresh random data per run (seed printed),
  * outputs poisoned with NaN before every run.
  *
@@ -128,6 +129,74 @@ static void test_fp8(int rows, int cols, int grp, int T, int fp8x)
     tap_err(!rc && e <= bound, what, e, bound);
     kern_free(dd), kern_free(df), kern_free(dx), kern_free(dxb), kern_free(dy), kern_free(ds);
     free(w), free(sc), free(pd), free(pf), free(x), free(y), free(ref);
+}
+
+/* kern_gemm_fp8_pair: (rows0, cols) and (rows1, cols) matrices, each packed with its own
+ * alpha, of one FP8-valued x, against FP64 (bound 3e-5 each, as test_fp8). */
+static void test_fp8_pair(int rows0, int rows1, int cols, int T)
+{
+    const int rows[2] = {rows0, rows1};
+    uint8_t *w[2], *sc[2], *pd[2];
+    uint16_t *pf[2];
+    float *y[2], alpha[2];
+    double *ref[2];
+    void *dd[2] = {NULL, NULL}, *df[2] = {NULL, NULL}, *dy[2] = {NULL, NULL}, *dx = NULL,
+         *dxb = NULL;
+    float *x = malloc(sizeof(float) * (size_t)T * cols);
+    int rc = !x;
+    if (x)
+        make_x(x, T, cols, 1);
+    for (int m = 0; m < 2; m++) {
+        const int R = rows[m];
+        w[m] = malloc((size_t)R * cols), sc[m] = malloc((size_t)(R / 128) * (cols / 128));
+        pd[m] = malloc(kern_fp8_data_bytes(R, cols));
+        pf[m] = malloc(2 * kern_fp8_factor_count(R, cols));
+        y[m] = malloc(sizeof(float) * (size_t)T * R);
+        ref[m] = malloc(sizeof(double) * (size_t)T * R);
+        if (!w[m] || !sc[m] || !pd[m] || !pf[m] || !y[m] || !ref[m]) {
+            rc = 1;
+            continue;
+        }
+        make_w(w[m], sc[m], R, cols);
+        for (int t = 0; t < T; t++)
+            for (int r = 0; r < R; r++) {
+                double acc = 0;
+                for (int c = 0; c < cols; c++)
+                    acc += w_at(w[m], sc[m], cols, r, c) * (double)x[(size_t)t * cols + c];
+                ref[m][(size_t)t * R + r] = acc;
+            }
+        rc = rc || kern_fp8_pack(w[m], sc[m], 0, R, cols, pd[m], pf[m], &alpha[m]) ||
+             kern_malloc(&dd[m], kern_fp8_data_bytes(R, cols)) ||
+             kern_malloc(&df[m], 2 * kern_fp8_factor_count(R, cols)) ||
+             kern_malloc(&dy[m], sizeof(float) * (size_t)T * R) ||
+             kern_h2d(dd[m], pd[m], kern_fp8_data_bytes(R, cols)) ||
+             kern_h2d(df[m], pf[m], 2 * kern_fp8_factor_count(R, cols)) ||
+             kern_memset(dy[m], 0xff, sizeof(float) * (size_t)T * R); /* NaN poison */
+    }
+    rc = rc || kern_malloc(&dx, sizeof(float) * (size_t)T * cols) ||
+         kern_malloc(&dxb, 2 * (size_t)T * cols) ||
+         kern_h2d(dx, x, sizeof(float) * (size_t)T * cols) ||
+         kern_act_bf16(dx, cols, T, cols, 0, 0, dxb, NULL);
+    if (!rc) {
+        struct kern_fp8_mat v0 = {rows0, cols, dd[0], df[0], alpha[0]},
+                            v1 = {rows1, cols, dd[1], df[1], alpha[1]};
+        rc = kern_gemm_fp8_pair(&v0, dy[0], rows0, &v1, dy[1], rows1, dxb, cols, T, NULL) ||
+             kern_sync() || kern_d2h(y[0], dy[0], sizeof(float) * (size_t)T * rows0) ||
+             kern_d2h(y[1], dy[1], sizeof(float) * (size_t)T * rows1);
+    }
+    if (rc)
+        printf("# fp8 pair: CUDA error %d: %s\n", rc, kern_last_error());
+    const double e0 = rc ? INFINITY : rel(y[0], rows0, ref[0], T, rows0),
+                 e1 = rc ? INFINITY : rel(y[1], rows1, ref[1], T, rows1);
+    tap(!rc && e0 <= 3e-5 && e1 <= 3e-5,
+        "fp8 pair (%d, %d) + (%d, %d), T=%d: rel err %.3e, %.3e (bound 3e-5)", rows0, cols, rows1,
+        cols, T, e0, e1);
+    for (int m = 0; m < 2; m++) {
+        kern_free(dd[m]), kern_free(df[m]), kern_free(dy[m]);
+        free(w[m]), free(sc[m]), free(pd[m]), free(pf[m]), free(y[m]), free(ref[m]);
+    }
+    kern_free(dx), kern_free(dxb);
+    free(x);
 }
 
 static uint16_t bf16_of(float f)
@@ -560,6 +629,12 @@ int main(int argc, char **argv)
         }
     if (WANT("fp8"))
         test_fp8(1024, 4096, 1, 33, 0); /* an FP8 matrix with split FP32 activations */
+    /* wq_a and wkv in one launch (the engine's decode steps), either order */
+    if (WANT("pair"))
+        for (int T = 1; T <= 8; T += 3) {
+            test_fp8_pair(1024, 512, 4096, T);
+            test_fp8_pair(512, 1024, 4096, T);
+        }
     struct kern_blas *blas = NULL;
     void *ws = NULL;
     if (!WANT("bf16")) {
