@@ -885,9 +885,23 @@ static void xb_made(struct cuda_impl *ci, const float *x, int T, int w, int fp8,
 }
 
 /*
- * hc_pre of a sub-layer: x (T, d) normed input, post, comb. The fast path also makes the BF16
- * input that the linears `use` (NULL: none) would make from x (act_to_xb: their FP8 round trip,
- * unsplit, unpermuted), one launch fewer, when they all take that one.
+ * 1 when each linear of use[0..n) takes, from a w-column x of T rows, act_to_xb's FP8 round
+ * trip unsplit and unpermuted (lin_grouped's choice for an FP8 linear): then the kernel that
+ * makes x can write it too (xb_made), one act_quant launch fewer.
+ */
+static int xb_fusable(const struct cuda_impl *ci, const struct dev_lin *const *use, int n, int w,
+                      int T)
+{
+    int ok = n > 0 && !ci->exact && ci->quant && w % 128 == 0;
+    for (int i = 0; i < n && ok; i++)
+        ok = use[i]->p.data && quantizable(&use[i]->q) && use[i]->q.cols == w &&
+             !kern_gemm_fp8_perm(use[i]->q.rows, 1, T);
+    return ok;
+}
+
+/*
+ * hc_pre of a sub-layer: x (T, d) normed input, post, comb; on the fast path also the BF16
+ * input of the linears `use` (n of them) where xb_fusable.
  */
 static int hc_pre(struct cuda_impl *ci, const struct dev_hc *h, const float *norm, int T,
                   const struct dev_lin *const *use, int nuse)
@@ -899,10 +913,7 @@ static int hc_pre(struct cuda_impl *ci, const struct dev_hc *h, const float *nor
     if (ci->exact)
         return kern_hc_pre(s->X, T, n, d, h->fn, h->base, h->scale, c->hc_sinkhorn_iters,
                            (float)c->hc_eps, eps, norm, s->x, s->post, s->comb, ci->stream);
-    int xb = nuse > 0 && ci->quant && d % 128 == 0;
-    for (int i = 0; i < nuse && xb; i++) /* lin_grouped's choice for an FP8 linear of x */
-        xb = use[i]->p.data && quantizable(&use[i]->q) && use[i]->q.cols == d &&
-             !kern_gemm_fp8_perm(use[i]->q.rows, 1, T);
+    const int xb = xb_fusable(ci, use, nuse, d, T);
     int rc = kern_hc_pre_fast(s->X, T, n, d, h->fn, h->base, h->scale, c->hc_sinkhorn_iters,
                               (float)c->hc_eps, eps, norm, s->mix, s->x, xb ? s->xb : NULL, s->post,
                               s->comb, ci->stream);
@@ -977,8 +988,11 @@ static void clear_xb(struct cuda_impl *ci)
     ci->xb_src = NULL;
 }
 
+/* next: NULL, or the linear that reads y next (T rows, ldy == its columns): where xb_fusable,
+ * the hi + lo sum of an FP8 linear with split activations also makes its BF16 input */
 static int lin_grouped(struct cuda_impl *ci, const struct dev_lin *W, const float *x, int ldx,
-                       int T, int act, float *xq_buf, float *y, int ldy, int grp_rows, int grp_xoff)
+                       int T, int act, float *xq_buf, float *y, int ldy, int grp_rows, int grp_xoff,
+                       const struct dev_lin *next)
 {
     struct scratch *s = &ci->s;
     struct CUstream_st *st = ci->stream;
@@ -996,7 +1010,15 @@ static int lin_grouped(struct cuda_impl *ci, const struct dev_lin *W, const floa
             (rc = kern_gemm_fp8(&v, groups, s->xb, xw, grp_rows ? (size_t)grp_xoff : 0, R,
                                 split ? s->ysplit : y, split ? rows : ldy, (size_t)gr, st)))
             return rc;
-        return split ? kern_add_split(s->ysplit, T, rows, y, ldy, st) : 0;
+        if (!split)
+            return 0;
+        const int xb =
+            next && ldy == rows && (uintptr_t)y % 16 == 0 && xb_fusable(ci, &next, 1, rows, T);
+        if ((rc = kern_add_split(s->ysplit, T, rows, y, ldy, xb ? s->xb : NULL, st)))
+            return rc;
+        if (xb)
+            xb_made(ci, y, T, rows, 1, 0, 0);
+        return 0;
     }
     if (!ci->exact && W->q.fmt == KERN_W_BF16 && !grp_rows) {
         /* the head's halves go to logits_split (2 n_slots rows), the others' to ysplit */
@@ -1007,7 +1029,7 @@ static int lin_grouped(struct cuda_impl *ci, const struct dev_lin *W, const floa
             (rc = kern_blas_gemm_bf16(ci->blas, W->q.w, rows, cols, s->xb, cols, R, yo,
                                       split ? rows : ldy)))
             return rc;
-        return split ? kern_add_split(yo, T, rows, y, ldy, st) : 0;
+        return split ? kern_add_split(yo, T, rows, y, ldy, NULL, st) : 0;
     }
     if (act == ACT_QUANT && fp8_act) {
         if ((rc = kern_act_quant_fp8(x, T, cols, xq_buf, st)))
@@ -1021,7 +1043,7 @@ static int lin_grouped(struct cuda_impl *ci, const struct dev_lin *W, const floa
 static int lin(struct cuda_impl *ci, const struct dev_lin *W, const float *x, int T, int act,
                float *xq_buf, float *y)
 {
-    return lin_grouped(ci, W, x, W->q.cols, T, act, xq_buf, y, W->q.rows, 0, 0);
+    return lin_grouped(ci, W, x, W->q.cols, T, act, xq_buf, y, W->q.rows, 0, 0, NULL);
 }
 
 /*
@@ -1144,7 +1166,15 @@ static int attention_sublayer(struct cuda_impl *ci, int li, const struct kern_ba
         TRY(kern_event_record(ci->ev[EV_COMP], cst));
     prof_mark(ci, PR_COMP);
     TRY(lin_pair(ci, &L->wq_a, s->qlat, &L->wkv, s->kv, s->x, T, s->xq));
-    TRY(kern_rmsnorm(s->qlat, L->q_norm, T, ql, eps, !ci->exact, s->qlat, st));
+    {
+        /* the norm also makes wq_b's (and the indexer's wq_b's) BF16 input where it can */
+        const struct dev_lin *use[2] = {&L->wq_b, &L->idx_wq_b};
+        const int xb = xb_fusable(ci, use, csa ? 2 : 1, ql, T);
+        TRY(kern_rmsnorm(s->qlat, L->q_norm, T, ql, eps, !ci->exact, s->qlat, xb ? s->xb : NULL,
+                         st));
+        if (xb)
+            xb_made(ci, s->qlat, T, ql, 1, 0, 0);
+    }
     TRY(lin(ci, &L->wq_b, s->qlat, T, ACT_QUANT, s->qlat_q, s->q));
     if (csa)
         TRY(lin(ci, &L->idx_wq_b, s->qlat, T, ACT_QUANT, s->qlat_q, s->qi));
@@ -1188,8 +1218,8 @@ static int attention_sublayer(struct cuda_impl *ci, int li, const struct kern_ba
     /* grouped output projection: group g's rows of wo_a read group g's slice of o */
     {
         const int g = c->o_groups, dg = c->o_lora_rank;
-        TRY(lin_grouped(ci, &L->wo_a, s->o, H * hd, T, ACT_F32, NULL, s->zo, g * dg, dg,
-                        H * hd / g));
+        TRY(lin_grouped(ci, &L->wo_a, s->o, H * hd, T, ACT_F32, NULL, s->zo, g * dg, dg, H * hd / g,
+                        &L->wo_b));
         TRY(lin(ci, &L->wo_b, s->zo, T, ACT_QUANT, s->zo_q, s->out));
     }
     prof_mark(ci, PR_OUT);

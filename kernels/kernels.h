@@ -322,9 +322,10 @@ int kern_hc_head(const float *X, const int32_t *rows, int nsel, int n_hc, int d,
                  const float *norm_w, float *y, struct CUstream_st *stream);
 /* out (T, n) = RMSNorm(w)(x (T, n)); w may be NULL; out may alias x. fast = 0: the CPU's
  * arithmetic (sequential sum of squares); 1: the sum over a fixed block tree (the fast path:
- * FP32 rounding apart, batch-invariant). */
+ * FP32 rounding apart, batch-invariant). xb: NULL, or (T, n) BF16 also written as
+ * kern_act_quant_bf16 (perm 0) would make it from out (n % 128 == 0). */
 int kern_rmsnorm(const float *x, const float *w, int T, int n, float eps, int fast, float *out,
-                 struct CUstream_st *stream);
+                 uint16_t *xb, struct CUstream_st *stream);
 /* out (T, cols) = FP8 round trip of x per 128 columns (cpu_act_quant_fp8); out may alias x. */
 int kern_act_quant_fp8(const float *x, int T, int cols, float *out, struct CUstream_st *stream);
 /* xb (T, cols) BF16 = that round trip of x (row stride ldx), in kern_act_bf16's layout (perm:
@@ -450,8 +451,11 @@ int kern_route_exact(const float *logits, int T, int E, int K, const float *bias
  */
 int kern_act_bf16(const float *x, int ldx, int T, int C, int split, int perm, uint16_t *xb,
                   struct CUstream_st *stream);
-/* y[t*ldy + j] = a[t*n + j] + a[(T+t)*n + j] for t < T, j < n (the hi + lo halves). */
-int kern_add_split(const float *a, int T, int n, float *y, int ldy, struct CUstream_st *stream);
+/* y[t*ldy + j] = a[t*n + j] + a[(T+t)*n + j] for t < T, j < n (the hi + lo halves). xb: NULL,
+ * or (T, n) also written as kern_act_quant_bf16 (perm 0) would make it from y (n % 128 == 0,
+ * ldy % 4 == 0, y 16-byte aligned; else ERR_UNSUPPORTED). */
+int kern_add_split(const float *a, int T, int n, float *y, int ldy, uint16_t *xb,
+                   struct CUstream_st *stream);
 /* -- gemv_bf16.cu: BF16-weight linears of at most KERN_GEMV_MAX_T rows on the CUDA cores -- */
 #define KERN_GEMV_MAX   6  /* matrices per launch */
 #define KERN_GEMV_MAX_T 16 /* rows of x */

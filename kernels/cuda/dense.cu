@@ -273,7 +273,8 @@ extern "C" int kern_hc_head(const float *X, const int32_t *rows, int nsel, int n
 
 /* ---- norms and round trips ---- */
 
-__global__ void rmsnorm_k(const float *x, const float *w, int n, float eps, int fast, float *out)
+__global__ void rmsnorm_k(const float *x, const float *w, int n, float eps, int fast, float *out,
+                          __nv_bfloat16 *xb)
 {
     kern__pdl_wait();
     kern__pdl_launch();
@@ -284,15 +285,20 @@ __global__ void rmsnorm_k(const float *x, const float *w, int n, float eps, int 
     blk_rmsnorm(v, w, n, eps, fast, red);
     for (int i = threadIdx.x; i < n; i += blockDim.x)
         out[(size_t)t * n + i] = v[i];
+    if (xb) /* n % 128 == 0: a warp's 32 float4 are one 128-column block */
+        for (int c = threadIdx.x; c < n / 4; c += blockDim.x)
+            ex_fp8_bf16_warp4(((const float4 *)v)[c], xb + (size_t)t * n + 4 * c);
 }
 
 extern "C" int kern_rmsnorm(const float *x, const float *w, int T, int n, float eps, int fast,
-                            float *out, cudaStream_t st)
+                            float *out, uint16_t *xb, cudaStream_t st)
 {
     if (T <= 0)
         return 0;
+    if (xb && n % 128)
+        return ERR_UNSUPPORTED;
     if (kern__launch(rmsnorm_k, T, DENSE_THREADS, sizeof(float) * (size_t)n, st, 1, x, w, n, eps,
-                     fast, out))
+                     fast, out, (__nv_bfloat16 *)xb))
         return ERR_CUDA;
     EX_LAUNCH_CHECK();
     return 0;

@@ -16,6 +16,7 @@
 #ifndef DSV4_KERNELS_CUDA_EXACT_CUH
 #define DSV4_KERNELS_CUDA_EXACT_CUH
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <math.h>
 #include <stdint.h>
@@ -119,6 +120,21 @@ __device__ __forceinline__ float ex_fp8_rt(float x, float s)
 {
     float v = x / s;
     return copysignf(ex_round_format(fabsf(v), 3, -6, 448.0f), v) * s;
+}
+
+/*
+ * A warp's 128-column block (lane l: columns 4 l .. 4 l + 3, in o) through the FP8 round trip of
+ * act_quant_bf16_k (the scale from the block's |max|, floor 1e-4; exact in any order), written as
+ * 4 BF16 at dst (8-byte aligned). All 32 lanes call it.
+ */
+__device__ __forceinline__ void ex_fp8_bf16_warp4(float4 o, __nv_bfloat16 *dst)
+{
+    float a = fmaxf(fmaxf(fabsf(o.x), fabsf(o.y)), fmaxf(fabsf(o.z), fabsf(o.w)));
+    for (int m = 16; m; m >>= 1)
+        a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, m));
+    const float s = ex_pow2_scale(fmaxf(1e-4f, a), 448.0f);
+    ((__nv_bfloat162 *)dst)[0] = __floats2bfloat162_rn(ex_fp8_rt(o.x, s), ex_fp8_rt(o.y, s));
+    ((__nv_bfloat162 *)dst)[1] = __floats2bfloat162_rn(ex_fp8_rt(o.z, s), ex_fp8_rt(o.w, s));
 }
 
 /* One element of an FP4 (E2M1, scale s) round trip. */

@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <cuda_bf16.h>
 
+#include "kernels/cuda/exact.cuh"
 #include "kernels/cuda/moe_internal.cuh"
 
 __global__ void act_bf16_k(const float *__restrict__ x, int ldx, int T, int C, int split, int perm,
@@ -64,12 +65,37 @@ __global__ void add_split_k(const float *__restrict__ a, int T, int n, float *__
         y[(size_t)t * ldy + j] = a[(size_t)t * n + j] + a[(size_t)(T + t) * n + j];
 }
 
-extern "C" int kern_add_split(const float *a, int T, int n, float *y, int ldy, cudaStream_t st)
+/* add_split_k by float4, a warp per 128 columns, that also writes act_quant_bf16_k's BF16 of y
+ * (perm 0) into xb (T, n) */
+__global__ void add_split_xb_k(const float *__restrict__ a, int T, int n, float *__restrict__ y,
+                               int ldy, __nv_bfloat16 *__restrict__ xb)
+{
+    kern__pdl_wait();
+    kern__pdl_launch();
+    const int t = blockIdx.y, c = blockIdx.x * blockDim.x + threadIdx.x; /* float4 column */
+    if (4 * c >= n) /* (whole warps: n % 128 == 0) */
+        return;
+    const float4 h = ((const float4 *)(a + (size_t)t * n))[c],
+                 l = ((const float4 *)(a + (size_t)(T + t) * n))[c];
+    const float4 v = make_float4(h.x + l.x, h.y + l.y, h.z + l.z, h.w + l.w);
+    ((float4 *)(y + (size_t)t * ldy))[c] = v;
+    ex_fp8_bf16_warp4(v, xb + (size_t)t * n + 4 * c);
+}
+
+extern "C" int kern_add_split(const float *a, int T, int n, float *y, int ldy, uint16_t *xb,
+                              cudaStream_t st)
 {
     if (T <= 0)
         return 0;
-    if (T > 65535)
+    if (T > 65535 || (xb && (n % 128 || ldy % 4 || (uintptr_t)y % 16)))
         return ERR_UNSUPPORTED;
+    if (xb) {
+        if (kern__launch(add_split_xb_k, dim3((unsigned)(n / 4 + 127) / 128, (unsigned)T), 128, 0,
+                         st, 1, a, T, n, y, ldy, (__nv_bfloat16 *)xb))
+            return ERR_CUDA;
+        KERN_LAUNCH_CHECK();
+        return 0;
+    }
     unsigned gx = (unsigned)((n + 255) / 256);
     if (kern__launch(add_split_k, dim3(gx < 64 ? gx : 64, (unsigned)T), 256, 0, st, 1, a, T, n, y,
                      ldy))

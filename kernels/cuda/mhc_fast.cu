@@ -12,8 +12,6 @@
 
 #include "kernels/cuda/exact.cuh"
 
-#include <cuda_bf16.h>
-
 #define HCF_THREADS 256
 #define HCF_FIN_THREADS                                                                            \
     512 /* hcf_finish_k: one row per block, latency-bound: more loads in flight; one more warp     \
@@ -212,22 +210,14 @@ __device__ __forceinline__ float hcf_fin_sum(float v, float *sm)
 /*
  * Float4 column c of row i into out, and (xb) its FP8 round trip in BF16 as act_quant_bf16_k
  * makes it: a warp holds 32 consecutive float4 columns (c = 32 w + HCF_FIN_THREADS k), i.e. one
- * 128-column block when d % 128 == 0, and the block's scale is from its |max| (exact in any
- * order). Called by every lane of a warp with columns in range.
+ * 128-column block when d % 128 == 0. Called by every lane of a warp with columns in range.
  */
 __device__ __forceinline__ void hcf_put(float *out, __nv_bfloat16 *xb, int i, int d, int c,
                                         float4 o)
 {
     ((float4 *)(out + (size_t)i * d))[c] = o;
-    if (!xb)
-        return;
-    float a = fmaxf(fmaxf(fabsf(o.x), fabsf(o.y)), fmaxf(fabsf(o.z), fabsf(o.w)));
-    for (int m = 16; m; m >>= 1)
-        a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, m));
-    const float s = ex_pow2_scale(fmaxf(1e-4f, a), 448.0f);
-    __nv_bfloat162 *p = (__nv_bfloat162 *)(xb + (size_t)i * d + 4 * c);
-    p[0] = __floats2bfloat162_rn(ex_fp8_rt(o.x, s), ex_fp8_rt(o.y, s));
-    p[1] = __floats2bfloat162_rn(ex_fp8_rt(o.z, s), ex_fp8_rt(o.w, s));
+    if (xb)
+        ex_fp8_bf16_warp4(o, xb + (size_t)i * d + 4 * c);
 }
 
 /*

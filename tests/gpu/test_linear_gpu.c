@@ -120,7 +120,7 @@ static void test_fp8(int rows, int cols, int grp, int T, int fp8x)
         rc = kern_gemm_fp8(&v, grp, dxb, xw, (size_t)cols, R, split ? (float *)ds : (float *)dy,
                            rows, (size_t)gr, NULL);
     if (!rc && split)
-        rc = kern_add_split(ds, T, rows, dy, rows, NULL);
+        rc = kern_add_split(ds, T, rows, dy, rows, NULL, NULL);
     rc = rc || kern_sync() || kern_d2h(y, dy, sizeof(float) * (size_t)T * rows);
     double bound = fp8x ? 3e-5 : 5e-5;
     if (rc)
@@ -245,7 +245,7 @@ static void test_bf16(struct kern_blas *blas, int rows, int cols, int T)
              kern_memset(dy, 0xff, sizeof(float) * (size_t)T * rows) ||
              kern_act_bf16(dx, cols, T, cols, 1, 0, dxb, NULL) ||
              kern_blas_gemm_bf16(blas, dw, rows, cols, dxb, cols, 2 * T, ds, rows) ||
-             kern_add_split(ds, T, rows, dy, rows, NULL) || kern_sync() ||
+             kern_add_split(ds, T, rows, dy, rows, NULL, NULL) || kern_sync() ||
              kern_d2h(y, dy, sizeof(float) * (size_t)T * rows);
     if (rc)
         printf("# %s: CUDA error: %s\n", what, kern_last_error());
@@ -484,6 +484,86 @@ static void test_mhc(int d)
     free(h), free(o3), free(o1), free(ru);
 }
 
+/*
+ * kern_add_split with the BF16 input of the next FP8 linear (xb): y the hi + lo sums (FP32, the
+ * host's bits), xb bit for bit kern_act_quant_bf16 of y; outputs poisoned first.
+ */
+static void test_add_split_xb(int n, int T)
+{
+    float *h = malloc(sizeof(float) * (size_t)3 * T * n);
+    uint16_t *hxb = malloc(sizeof(uint16_t) * 2 * T * n);
+    void *dm = NULL, *dxb = NULL;
+    int rc = !h || !hxb, same_y = 1, same_xb = 0;
+    for (size_t i = 0; !rc && i < (size_t)2 * T * n; i++)
+        h[i] = (i < (size_t)T * n ? 8.0f : 1.0f / 256) * frand();
+    rc = rc || kern_malloc(&dm, sizeof(float) * (size_t)3 * T * n) ||
+         kern_malloc(&dxb, sizeof(uint16_t) * 2 * T * n) ||
+         kern_h2d(dm, h, sizeof(float) * (size_t)2 * T * n) ||
+         kern_memset((float *)dm + (size_t)2 * T * n, 0xff, sizeof(float) * T * n) ||
+         kern_memset(dxb, 0xff, sizeof(uint16_t) * 2 * T * n);
+    float *ds = dm, *dy = ds + (size_t)2 * T * n, *hy = h + (size_t)2 * T * n;
+    rc = rc || kern_add_split(ds, T, n, dy, n, dxb, NULL) ||
+         kern_act_quant_bf16(dy, n, T, n, 0, (uint16_t *)dxb + T * n, NULL) || kern_sync() ||
+         kern_d2h(hy, dy, sizeof(float) * T * n) ||
+         kern_d2h(hxb, dxb, sizeof(uint16_t) * 2 * T * n);
+    for (size_t i = 0; !rc && i < (size_t)T * n; i++) {
+        const float ref = h[i] + h[(size_t)T * n + i];
+        same_y &= !memcmp(&ref, hy + i, sizeof ref);
+    }
+    same_xb = !rc && !memcmp(hxb, hxb + T * n, sizeof(uint16_t) * T * n);
+    tap(!rc && same_y && same_xb,
+        "add_split n=%d T=%d with the next linear's input: sums equal the host's: %s; BF16 copy "
+        "bit-identical to kern_act_quant_bf16: %s",
+        n, T, same_y ? "yes" : "NO", same_xb ? "yes" : "NO");
+    kern_free(dm), kern_free(dxb);
+    free(h), free(hxb);
+}
+
+/*
+ * kern_rmsnorm with the BF16 input of the next FP8 linear (xb): out within 1e-6 of RMSNorm in
+ * FP64, xb bit for bit kern_act_quant_bf16 of out; outputs poisoned first.
+ */
+static void test_rmsnorm_xb(int n, int T)
+{
+    float *h = malloc(sizeof(float) * ((size_t)2 * T * n + n));
+    uint16_t *hxb = malloc(sizeof(uint16_t) * 2 * T * n);
+    void *dm = NULL, *dxb = NULL;
+    int rc = !h || !hxb, same_xb = 0;
+    double num = 0, den = 0;
+    for (size_t i = 0; !rc && i < (size_t)T * n + n; i++) /* x, then w */
+        h[i] = (i < (size_t)T * n ? 4.0f : 1.0f) * frand();
+    rc = rc || kern_malloc(&dm, sizeof(float) * ((size_t)2 * T * n + n)) ||
+         kern_malloc(&dxb, sizeof(uint16_t) * 2 * T * n) ||
+         kern_h2d(dm, h, sizeof(float) * ((size_t)T * n + n)) ||
+         kern_memset((float *)dm + (size_t)T * n + n, 0xff, sizeof(float) * T * n) ||
+         kern_memset(dxb, 0xff, sizeof(uint16_t) * 2 * T * n);
+    float *dx = dm, *dw = dx + (size_t)T * n, *dy = dw + n, *hy = h + (size_t)T * n + n;
+    rc = rc || kern_rmsnorm(dx, dw, T, n, 1e-6f, 1, dy, dxb, NULL) ||
+         kern_act_quant_bf16(dy, n, T, n, 0, (uint16_t *)dxb + T * n, NULL) || kern_sync() ||
+         kern_d2h(hy, dy, sizeof(float) * T * n) ||
+         kern_d2h(hxb, dxb, sizeof(uint16_t) * 2 * T * n);
+    for (int t = 0; !rc && t < T; t++) {
+        double ss = 0;
+        for (int i = 0; i < n; i++)
+            ss += (double)h[(size_t)t * n + i] * h[(size_t)t * n + i];
+        const double r = 1.0 / sqrt(ss / n + 1e-6);
+        for (int i = 0; i < n; i++) {
+            const double ref = h[(size_t)T * n + i] * (h[(size_t)t * n + i] * r);
+            const double d = hy[(size_t)t * n + i] - ref;
+            num += isnan(d) ? INFINITY : d * d;
+            den += ref * ref;
+        }
+    }
+    const double e = sqrt(num / (den > 0 ? den : 1));
+    same_xb = !rc && !memcmp(hxb, hxb + T * n, sizeof(uint16_t) * T * n);
+    tap(!rc && e <= 1e-6 && same_xb,
+        "rmsnorm n=%d T=%d with the next linear's input: rel err %.2e vs FP64 (bound 1e-6); BF16 "
+        "copy bit-identical to kern_act_quant_bf16: %s",
+        n, T, e, same_xb ? "yes" : "NO");
+    kern_free(dm), kern_free(dxb);
+    free(h), free(hxb);
+}
+
 /* ---- device sampling (kern_sample_rows) against engine/sampler.c's rules ---- */
 
 static const float *smp_key; /* qsort context: probabilities */
@@ -655,6 +735,12 @@ int main(int argc, char **argv)
         test_gemv(4096, 16);
         test_gemv(520, 5);
         test_gemv(520, 11);
+    }
+    if (WANT("split")) {
+        test_add_split_xb(8192, 1); /* wo_a's output, wo_b's input */
+        test_add_split_xb(8192, 5);
+        test_rmsnorm_xb(1024, 1); /* the q latent (Flash), wq_b's input */
+        test_rmsnorm_xb(1536, 3); /* Pro */
     }
     if (WANT("mhc")) {
         test_mhc(4096); /* Flash */
