@@ -8,7 +8,9 @@
  * window 128; SWA, CSA (ratio 4, top-512 selection) and HCA (ratio 128); FP32 and FP8 cache
  * entries; a step of decode rows of random positions (up to 4000) plus one prefill chunk (its
  * window keys partly this step's latents); with the workspace (key splits on short steps) and
- * without. Fresh random data per run (seed printed), outputs poisoned with NaN before each run.
+ * without; a lone decode row past the window (the batch-1 step: splits, and the merge must
+ * also write o's BF16 hi + lo rows, checked bit for bit against the host's conversion of o).
+ * Fresh random data per run (seed printed), outputs poisoned with NaN before each run.
  *
  * Bound: per (row, head) ||o_fast - o_exact|| / ||o_exact|| <= 1e-4. Both sum in FP32 in
  * different orders; the tensor-core kernel's products carry ~16 significant bits (BF16 hi + lo

@@ -7,7 +7,9 @@
  *   - router: ids equal to the CPU router's except at near-ties (|gap| < 1e-4), weights within
  *     1e-5 relative;
  *   - experts: output poisoned (NaN) first, every element written and finite; two runs
- *     bit-identical; kern_moe_forward bit-identical to route + experts;
+ *     bit-identical; kern_moe_forward bit-identical to route + experts, and to
+ *     kern_moe_forward_parts + kern_moe_sum_rows; for T <= 64 kern_hc_post_moe of the parts
+ *     bit-identical to kern_hc_post of the output (and within 1e-6 of FP64);
  *     ||out - ref|| / ||ref|| <= 1e-2 over sampled rows (all rows when T <= 16), ref in FP64 on
  *     the exactly dequantised weights (BF16 activations imply ~2^-8 relative per element; the
  *     norm error lands near 2e-3); for T <= 2 also against the reference that rounds x and h
