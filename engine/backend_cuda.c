@@ -1053,11 +1053,10 @@ static int lin(struct cuda_impl *ci, const struct dev_lin *W, const float *x, in
 static int lin_pair(struct cuda_impl *ci, const struct dev_lin *W0, float *y0,
                     const struct dev_lin *W1, float *y1, const float *x, int T, float *xq_buf)
 {
+    const struct dev_lin *use[2] = {W0, W1};
     const int cols = W0->q.cols;
     int rc;
-    if (ci->quant && W0->p.data && W1->p.data && quantizable(&W0->q) && quantizable(&W1->q) &&
-        W1->q.cols == cols && T <= 8 && !kern_gemm_fp8_perm(W0->q.rows, 1, T) &&
-        !kern_gemm_fp8_perm(W1->q.rows, 1, T)) {
+    if (T <= 8 && xb_fusable(ci, use, 2, cols, T)) {
         if ((rc = act_to_xb(ci, x, cols, T, cols, 1, xq_buf, 0, 0)))
             return rc;
         rc = kern_gemm_fp8_pair(&W0->p, y0, W0->q.rows, &W1->p, y1, W1->q.rows, ci->s.xb, cols, T,
