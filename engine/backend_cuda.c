@@ -153,6 +153,9 @@ struct cuda_impl {
     int n_slots;  /* sequence slots (the spare one for padding rows is n_slots) */
     int max_len;  /* longest sequence the memory plan sized the indexer workspace for */
     int prof;     /* DSV4_CUDA_PROFILE: per op group times on stderr */
+    /* BF16 linears of at most this many rows run on the CUDA cores (gemv_bf16.cu), the head
+     * included (DSV4_CUDA_GEMV_ROWS; 0: cuBLAS for all) */
+    int gemv_rows;
     double prof_t, prof_acc[PR_N];
     struct kern_blas *blas;  /* cuBLAS (BF16-weight linears of the fast path), owned */
     void *blas_ws;           /* its workspace (device), owned */
@@ -1020,6 +1023,13 @@ static int lin_grouped(struct cuda_impl *ci, const struct dev_lin *W, const floa
             xb_made(ci, y, T, rows, 1, 0, 0);
         return 0;
     }
+    if (!ci->exact && W->q.fmt == KERN_W_BF16 && !grp_rows && T <= ci->gemv_rows &&
+        T <= KERN_GEMV_MAX_T) {
+        /* a row or two (the head at decode): x as is on the CUDA cores, one launch (no hi + lo
+         * rows, no split GEMM, no sum), the weights streamed at ~2.9 TB/s */
+        const struct kern_gemv_mat m = {W->q.w, rows, y, ldy};
+        return kern_gemv_bf16(&m, 1, x, ldx, cols, T, st);
+    }
     if (!ci->exact && W->q.fmt == KERN_W_BF16 && !grp_rows) {
         /* the head's halves go to logits_split (2 n_slots rows), the others' to ysplit */
         if (split && (W == &ci->head ? R > 2 * ci->n_slots : rows > ci->split_rows))
@@ -1725,6 +1735,10 @@ int backend_cuda_new_opts(struct backend **out, struct dsv4_model *m,
     /* the side stream (DSV4_CUDA_FORK=0: off) on the fast path; DSV4_CUDA_PROFILE times op
      * groups on one stream */
     const int use_side = !ci->exact && !ci->prof && env_int("DSV4_CUDA_FORK", 1);
+    /* the head at 1 / 2 rows: 1.597 -> 1.553 / 1.862 -> 1.825 ms per step; at 4 rows cuBLAS is
+     * faster (2.416 against 2.452), at 8 much faster (3.35 against 3.61): 8-layer Flash model,
+     * bench_gpu_engine, H100 */
+    ci->gemv_rows = env_int("DSV4_CUDA_GEMV_ROWS", 2);
     ci->nvfp4 = !ci->exact && nvfp4_usable(m);
     if (c->expert_fmt == DSV4_WFMT_NVFP4 && !ci->nvfp4) {
         rc = err_setf(ERR_UNSUPPORTED,

@@ -8,13 +8,15 @@
 # Here:  sh tests/gpu/run_flash_device.sh --pack
 #        builds dsv4d and bench_gpu_engine in build-cuda (-Dcuda=enabled, release) and packs
 #        build-cuda/flash-carry: both binaries, the shared libraries the GPU machine lacks
-#        (jansson, libmicrohttpd, libuv, oniguruma, cudart) and the DeepSeek-V4 tokenizer.json.
+#        (jansson, libmicrohttpd, libuv, oniguruma, cudart) and the DeepSeek-V4 tokenizer.json
+#        (and, where CUPTI was found, the timeline tracer with libcupti).
 #        cuBLAS is too large to carry: the device side finds the machine's own.
 # There: sh tests/gpu/run_flash_device.sh [OUTDIR]        (carry build-cuda/flash-carry)
 #        1. a smoke run of the benchmark on builtin:tiny-flash (SMOKE=0 skips it);
 #        2. export-tiny --shape flash --layers $LAYERS into $FLASH_DIR, kept between calls on a
 #           warm machine (skipped when a complete export with the same arguments is there);
-#        3. bench_gpu_engine on it;
+#        3. bench_gpu_engine on it; with TRACE=1 then a kernel timeline of the batch-1 step
+#           (libdsv4_cupti_trace.so, tests/gpu/cupti_timeline.py: OUTDIR/timeline-b1.txt);
 #        4. dsv4d serve --device cuda on it; stream_bench.py at each of $CONC; /metrics; stop.
 #        Each step runs under timeout; the whole call stays within $TOTAL seconds (steps that no
 #        longer fit are skipped with a message: run again, the export is kept). Every phase's
@@ -35,10 +37,17 @@ if [ "${1:-}" = --pack ]; then
     [ -d build-cuda ] || meson setup build-cuda -Dcuda=enabled --buildtype=release
     . tests/gpu/cuda_fresh.sh
     ninja -C build-cuda -j2 server/dsv4d tests/gpu/bench_gpu_engine
+    ninja -C build-cuda -j2 tests/gpu/libdsv4_cupti_trace.so 2>/dev/null || true
     cuda_fresh_done
     rm -rf $D
     mkdir -p $D
     cp build-cuda/server/dsv4d build-cuda/tests/gpu/bench_gpu_engine $D/
+    # the kernel-timeline tracer (TRACE=1) where it was built, with CUPTI
+    if [ -f build-cuda/tests/gpu/libdsv4_cupti_trace.so ]; then
+        cp build-cuda/tests/gpu/libdsv4_cupti_trace.so tests/gpu/cupti_timeline.py $D/
+        p=$(ldd build-cuda/tests/gpu/libdsv4_cupti_trace.so | awk '$1 ~ /^libcupti/ { print $3 }')
+        [ -n "$p" ] && cp -L "$p" $D/
+    fi
     for lib in libjansson.so.4 libcudart.so.13 libonig.so.5 libmicrohttpd.so.12 libuv.so.1; do
         p=$(ldd build-cuda/server/dsv4d build-cuda/tests/gpu/bench_gpu_engine |
             awk -v l=$lib '$1 == l { print $3; exit }')
@@ -226,6 +235,19 @@ if [ "$SERVE_ONLY" != 1 ]; then
         grep '^{' "$O/bench.txt" > "$O/bench.jsonl"
         [ $rc -eq 0 ] || fail=1
     fi
+fi
+
+# ---- 3b. TRACE=1: a kernel timeline of the batch-1 decode step (cupti_trace.c) ----
+if [ "${TRACE:-0}" = 1 ] && [ -f $D/libdsv4_cupti_trace.so ] && [ "$(lim 60 30)" -ge 60 ]; then
+    phase_begin "trace (batch 1)"
+    DSV4_CUPTI_OUT="$O/trace-b1.tsv" LD_PRELOAD="$PWD/$D/libdsv4_cupti_trace.so" \
+        timeout -k 5 "$(lim 90 30)" $D/bench_gpu_engine --model "$MD" --batches 1 \
+        --prompt "$PROMPT" --steps "$STEPS" --prefill 0 > "$O/trace-bench.txt" 2>&1
+    rc=$?
+    python3 $D/cupti_timeline.py "$O/trace-b1.tsv" --list > "$O/timeline-b1.txt" 2>&1
+    phase_end "rc $rc"
+    tail -25 "$O/timeline-b1.txt"
+    gzip -f "$O/trace-b1.tsv"
 fi
 
 # ---- 4. serve + stream_bench ----
