@@ -156,6 +156,10 @@ struct cuda_impl {
     /* BF16 linears of at most this many rows run on the CUDA cores (gemv_bf16.cu), the head
      * included (DSV4_CUDA_GEMV_ROWS; 0: cuBLAS for all) */
     int gemv_rows;
+    /* fast path, 4 streams: s->post / comb hold the gates' inputs and hc_post makes the gates
+     * before its dependency wait (kern_hc_pre_fast_raw, kern_hc_post_raw; DSV4_CUDA_HC_RAW=0:
+     * the finish makes them) */
+    int hc_raw;
     double prof_t, prof_acc[PR_N];
     struct kern_blas *blas;  /* cuBLAS (BF16-weight linears of the fast path), owned */
     void *blas_ws;           /* its workspace (device), owned */
@@ -917,9 +921,13 @@ static int hc_pre(struct cuda_impl *ci, const struct dev_hc *h, const float *nor
         return kern_hc_pre(s->X, T, n, d, h->fn, h->base, h->scale, c->hc_sinkhorn_iters,
                            (float)c->hc_eps, eps, norm, s->x, s->post, s->comb, ci->stream);
     const int xb = xb_fusable(ci, use, nuse, d, T);
-    int rc = kern_hc_pre_fast(s->X, T, n, d, h->fn, h->base, h->scale, c->hc_sinkhorn_iters,
-                              (float)c->hc_eps, eps, norm, s->mix, s->x, xb ? s->xb : NULL, s->post,
-                              s->comb, ci->stream);
+    int rc = ci->hc_raw
+                 ? kern_hc_pre_fast_raw(s->X, T, n, d, h->fn, h->base, h->scale, (float)c->hc_eps,
+                                        eps, norm, s->mix, s->x, xb ? s->xb : NULL, s->post,
+                                        s->comb, ci->stream)
+                 : kern_hc_pre_fast(s->X, T, n, d, h->fn, h->base, h->scale, c->hc_sinkhorn_iters,
+                                    (float)c->hc_eps, eps, norm, s->mix, s->x, xb ? s->xb : NULL,
+                                    s->post, s->comb, ci->stream);
     if (!rc && xb)
         xb_made(ci, s->x, T, d, 1, 0, 0);
     return rc;
@@ -940,8 +948,11 @@ static int hc_post(struct cuda_impl *ci, int T)
 {
     const struct dsv4_config *c = &ci->m->cfg;
     struct scratch *s = &ci->s;
-    int rc = kern_hc_post(s->out, s->X, s->post, s->comb, T, c->hc_mult, c->hidden_size, s->X2,
-                          ci->stream);
+    int rc = ci->hc_raw
+                 ? kern_hc_post_raw(s->out, NULL, s->X, s->post, s->comb, c->hc_sinkhorn_iters,
+                                    (float)c->hc_eps, T, c->hidden_size, s->X2, ci->stream)
+                 : kern_hc_post(s->out, s->X, s->post, s->comb, T, c->hc_mult, c->hidden_size,
+                                s->X2, ci->stream);
     if (!rc)
         hc_swap(ci);
     return rc;
@@ -1257,7 +1268,10 @@ static int moe_sublayer(struct cuda_impl *ci, int li, const struct kern_batch *b
         TRY(kern_moe_forward_parts(&L->moe, s->x, b->tokens, T, &sum, s->moe_ws, ci->moe_ws_bytes,
                                    st));
         prof_mark(ci, PR_MOE);
-        rc = kern_hc_post_moe(&sum, s->X, s->post, s->comb, T, c->hc_mult, d, s->X2, st);
+        rc = ci->hc_raw
+                 ? kern_hc_post_raw(NULL, &sum, s->X, s->post, s->comb, c->hc_sinkhorn_iters,
+                                    (float)c->hc_eps, T, d, s->X2, st)
+                 : kern_hc_post_moe(&sum, s->X, s->post, s->comb, T, c->hc_mult, d, s->X2, st);
         if (!rc) {
             hc_swap(ci);
             return 0;
@@ -1739,6 +1753,8 @@ int backend_cuda_new_opts(struct backend **out, struct dsv4_model *m,
      * faster (2.416 against 2.452), at 8 much faster (3.35 against 3.61): 8-layer Flash model,
      * bench_gpu_engine, H100 */
     ci->gemv_rows = env_int("DSV4_CUDA_GEMV_ROWS", 2);
+    ci->hc_raw =
+        !ci->exact && c->hc_mult == 4 && c->hidden_size % 4 == 0 && env_int("DSV4_CUDA_HC_RAW", 1);
     ci->nvfp4 = !ci->exact && nvfp4_usable(m);
     if (c->expert_fmt == DSV4_WFMT_NVFP4 && !ci->nvfp4) {
         rc = err_setf(ERR_UNSUPPORTED,

@@ -316,6 +316,12 @@ int kern_hc_post(const float *f, const float *R, const float *post, const float 
 int kern_hc_post_moe(const struct kern_moe_sum *m, const float *R, const float *post,
                      const float *comb, int T, int n_hc, int d, float *Xout,
                      struct CUstream_st *stream);
+/* kern_hc_post (f; or, f NULL, the MoE output m describes) for 4 streams whose post and comb
+ * gates are given as their inputs zpost (T, 4), zcomb (T, 16) from kern_hc_pre_fast_raw: the
+ * kernel makes the gates (the finish's Sinkhorn, iters rounds) before its dependency wait. */
+int kern_hc_post_raw(const float *f, const struct kern_moe_sum *m, const float *R,
+                     const float *zpost, const float *zcomb, int iters, float hc_eps, int T, int d,
+                     float *Xout, struct CUstream_st *stream);
 /* y (nsel, d) = RMSNorm(norm_w)(hc_head(X row rows[i])); fn (n, n*d), base (n), scale (1). */
 int kern_hc_head(const float *X, const int32_t *rows, int nsel, int n_hc, int d, const float *fn,
                  const float *base, const float *scale, float hc_eps, float norm_eps,
@@ -481,6 +487,13 @@ int kern_hc_pre_fast(const float *X, int T, int n_hc, int d, const float *fn, co
                      const float *scale, int iters, float hc_eps, float norm_eps,
                      const float *norm_w, float *ws, float *x, uint16_t *xb, float *post,
                      float *comb, struct CUstream_st *stream);
+/* kern_hc_pre_fast for 4 streams (else ERR_UNSUPPORTED) that leaves in zpost (T, 4), zcomb
+ * (T, 16) the post and comb gates' inputs for kern_hc_post_raw, so that their 20 serial
+ * Sinkhorn rounds run beside the sub-layer, not on its critical path. */
+int kern_hc_pre_fast_raw(const float *X, int T, int n_hc, int d, const float *fn, const float *base,
+                         const float *scale, float hc_eps, float norm_eps, const float *norm_w,
+                         float *ws, float *x, uint16_t *xb, float *zpost, float *zcomb,
+                         struct CUstream_st *stream);
 int kern_hc_head_fast(const float *X, const int32_t *rows, int nsel, int n_hc, int d,
                       const float *fn, const float *base, const float *scale, float hc_eps,
                       float norm_eps, const float *norm_w, float *gather_ws, float *ws, float *y,

@@ -9,6 +9,7 @@
 
 #include "kernels/cuda/exact.cuh"
 #include "kernels/cuda/kvfmt.cuh"
+#include "kernels/cuda/mhc_gates.cuh"
 #include "kernels/cuda/moe_sum.cuh"
 
 #define HC_MAX        16
@@ -146,14 +147,20 @@ __global__ void hc_post_k(const float *f, const float *R, const float *post, con
  * finish), and the kernel before this one signals its dependents only after its own dependency
  * wait, i.e. after those writers completed; through L2 (__ldcg), the coherent level. Only f, the
  * sub-layer's output, needs the wait.
+ *
+ * RAW (kern_hc_post_raw): post and comb hold the gates' inputs (kern_hc_pre_fast_raw); thread 0
+ * of each block makes the gates (hcf_gates4) before the wait, where the block is resident
+ * beside the sub-layer's last kernel, instead of the finish making them on its critical path.
  */
 #define HCP4_THREADS 128
-template <bool MOE>
+template <bool MOE, bool RAW>
 __global__ void __launch_bounds__(HCP4_THREADS)
     hc_post4_k(const float *__restrict__ f, const struct kern_moe_sum m,
                const float *__restrict__ R, const float *__restrict__ post,
-               const float *__restrict__ comb, int d, float *__restrict__ Xout)
+               const float *__restrict__ comb, int iters, float hc_eps, int d,
+               float *__restrict__ Xout)
 {
+    __shared__ float gates[20]; /* RAW: post (4), comb (16) */
     const int t = blockIdx.y, c = blockIdx.x * HCP4_THREADS + threadIdx.x;
     const bool in = c < d / 4;
     float4 r[4];
@@ -162,14 +169,36 @@ __global__ void __launch_bounds__(HCP4_THREADS)
     for (int j = 0; j < 4; j++)
         r[j] = in ? __ldcg((const float4 *)(R + ((size_t)t * 4 + j) * d) + c)
                   : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (RAW) {
+        if (threadIdx.x == 0) {
+            float z[24];
 #pragma unroll
-    for (int k = 0; k < 4; k++)
-        p[k] = __ldcg(post + (size_t)t * 4 + k);
+            for (int k = 0; k < 4; k++)
+                z[4 + k] = __ldcg(post + (size_t)t * 4 + k);
 #pragma unroll
-    for (int q = 0; q < 16; q++)
-        cm[q] = __ldcg(comb + (size_t)t * 16 + q);
+            for (int q = 0; q < 16; q++)
+                z[8 + q] = __ldcg(comb + (size_t)t * 16 + q);
+            hcf_gates4(z, iters, hc_eps, gates, gates + 4);
+        }
+    } else {
+#pragma unroll
+        for (int k = 0; k < 4; k++)
+            p[k] = __ldcg(post + (size_t)t * 4 + k);
+#pragma unroll
+        for (int q = 0; q < 16; q++)
+            cm[q] = __ldcg(comb + (size_t)t * 16 + q);
+    }
     kern__pdl_wait();
     kern__pdl_launch();
+    if (RAW) {
+        __syncthreads();
+#pragma unroll
+        for (int k = 0; k < 4; k++)
+            p[k] = gates[k];
+#pragma unroll
+        for (int q = 0; q < 16; q++)
+            cm[q] = gates[4 + q];
+    }
     if (!in)
         return;
     /* MOE: f is the MoE output, summed here from its parts */
@@ -188,15 +217,18 @@ __global__ void __launch_bounds__(HCP4_THREADS)
     }
 }
 
+/* iters < 0: post and comb are the gates; else their inputs (RAW) */
 static int hc_post4(const float *f, const struct kern_moe_sum *m, const float *R, const float *post,
-                    const float *comb, int T, int d, float *Xout, cudaStream_t st)
+                    const float *comb, int iters, float hc_eps, int T, int d, float *Xout,
+                    cudaStream_t st)
 {
     const dim3 grid((unsigned)((d / 4 + HCP4_THREADS - 1) / HCP4_THREADS), (unsigned)T);
-    const struct kern_moe_sum none = {};
-    if (m ? kern__launch(hc_post4_k<true>, grid, HCP4_THREADS, 0, st, 1, f, *m, R, post, comb, d,
-                         Xout)
-          : kern__launch(hc_post4_k<false>, grid, HCP4_THREADS, 0, st, 1, f, none, R, post, comb, d,
-                         Xout))
+    const struct kern_moe_sum none = {}, mm = m ? *m : none;
+    void (*k)(const float *, const struct kern_moe_sum, const float *, const float *, const float *,
+              int, float, int, float *) =
+        m ? (iters < 0 ? hc_post4_k<true, false> : hc_post4_k<true, true>)
+          : (iters < 0 ? hc_post4_k<false, false> : hc_post4_k<false, true>);
+    if (kern__launch(k, grid, HCP4_THREADS, 0, st, 1, f, mm, R, post, comb, iters, hc_eps, d, Xout))
         return ERR_CUDA;
     EX_LAUNCH_CHECK();
     return 0;
@@ -210,7 +242,18 @@ extern "C" int kern_hc_post_moe(const struct kern_moe_sum *m, const float *R, co
         return 0;
     if (T > 65535 || n_hc != 4 || d % 4)
         return ERR_UNSUPPORTED;
-    return hc_post4(NULL, m, R, post, comb, T, d, Xout, st);
+    return hc_post4(NULL, m, R, post, comb, -1, 0.0f, T, d, Xout, st);
+}
+
+extern "C" int kern_hc_post_raw(const float *f, const struct kern_moe_sum *m, const float *R,
+                                const float *zpost, const float *zcomb, int iters, float hc_eps,
+                                int T, int d, float *Xout, cudaStream_t st)
+{
+    if (T <= 0)
+        return 0;
+    if (T > 65535 || d % 4 || (!f && !m) || iters < 0)
+        return ERR_UNSUPPORTED;
+    return hc_post4(m ? NULL : f, m, R, zpost, zcomb, iters, hc_eps, T, d, Xout, st);
 }
 
 extern "C" int kern_hc_post(const float *f, const float *R, const float *post, const float *comb,
@@ -221,7 +264,7 @@ extern "C" int kern_hc_post(const float *f, const float *R, const float *post, c
     if (T > 65535)
         return ERR_UNSUPPORTED;
     if (n_hc == 4 && d % 4 == 0)
-        return hc_post4(f, NULL, R, post, comb, T, d, Xout, st);
+        return hc_post4(f, NULL, R, post, comb, -1, 0.0f, T, d, Xout, st);
     unsigned gx = (unsigned)((n_hc * d + DENSE_THREADS * 4 - 1) / (DENSE_THREADS * 4));
     if (kern__launch(hc_post_k, dim3(gx, (unsigned)T), DENSE_THREADS, 0, st, 1, f, R, post, comb,
                      n_hc, d, Xout))

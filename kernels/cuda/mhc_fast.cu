@@ -11,6 +11,7 @@
 #include "kernels/kernels.h"
 
 #include "kernels/cuda/exact.cuh"
+#include "kernels/cuda/mhc_gates.cuh"
 
 #define HCF_THREADS 256
 #define HCF_FIN_THREADS                                                                            \
@@ -122,73 +123,6 @@ __global__ void __launch_bounds__(HCF_THREADS)
     }
 }
 
-/* 1 / x: the approximate reciprocal (MUFU, 2 ulp) and one Newton step (within an ulp, nearly
- * always the correctly rounded value) - a few cycles, where __frcp_rn and the IEEE division are
- * slow subroutines on the gates' serial chain. */
-__device__ __forceinline__ float hcf_rcp(float x)
-{
-    const float r = __fdividef(1.0f, x);
-    return fmaf(r, fmaf(-x, r, 1.0f), r);
-}
-
-/*
- * The post and comb gates of 4 streams from z = mix * scale + base (24 values in shared memory),
- * by the calling thread alone: the exact path's operations in its order (sequential row and
- * column sums), in registers, with expf and one reciprocal (hcf_rcp) per row or column sum in
- * place of glibc-rounded exp and 4 IEEE divisions each. The IEEE divisions are what made the gates
- * slow: the exact path's warp version, and this one with __frcp_rn, were each ~7 us of
- * hcf_finish_k's 13-14 at one row; with the bare approximate reciprocal the Flash decode step at
- * batch 1 went 1.855 -> 1.776 ms (H200, bench_gpu_engine, two runs each). Only hc_post reads
- * these, so hcf_finish_k runs them on a warp of their own beside the collapse, which needs only
- * the pre gates.
- */
-__device__ __forceinline__ void hcf_gates4(const float *z, int iters, float hc_eps, float *post,
-                                           float *comb_out)
-{
-    float m[4][4];
-#pragma unroll
-    for (int t = 0; t < 4; t++)
-        post[t] = 2.0f * (1.0f / (1.0f + expf(-z[4 + t])));
-#pragma unroll
-    for (int j = 0; j < 4; j++) { /* softmax of row j, + eps */
-        float mx = -INFINITY, sum = 0.0f;
-#pragma unroll
-        for (int k = 0; k < 4; k++)
-            mx = fmaxf(mx, z[8 + 4 * j + k]);
-#pragma unroll
-        for (int k = 0; k < 4; k++) {
-            m[j][k] = expf(z[8 + 4 * j + k] - mx);
-            sum += m[j][k];
-        }
-        const float r = hcf_rcp(sum);
-#pragma unroll
-        for (int k = 0; k < 4; k++)
-            m[j][k] = m[j][k] * r + hc_eps;
-    }
-    for (int it = 0; it < iters; it++) {
-        if (it > 0)
-#pragma unroll
-            for (int j = 0; j < 4; j++) { /* rows */
-                const float r = hcf_rcp(((m[j][0] + m[j][1]) + m[j][2]) + m[j][3] + hc_eps);
-#pragma unroll
-                for (int k = 0; k < 4; k++)
-                    m[j][k] *= r;
-            }
-#pragma unroll
-        for (int k = 0; k < 4; k++) { /* columns */
-            const float r = hcf_rcp(((m[0][k] + m[1][k]) + m[2][k]) + m[3][k] + hc_eps);
-#pragma unroll
-            for (int j = 0; j < 4; j++)
-                m[j][k] *= r;
-        }
-    }
-#pragma unroll
-    for (int j = 0; j < 4; j++)
-#pragma unroll
-        for (int k = 0; k < 4; k++)
-            comb_out[4 * j + k] = m[j][k];
-}
-
 /* kern__block_sum over the first HCF_FIN_THREADS threads only (named barrier 1), so the gates'
  * warp is not waited for; the same order as kern__block_sum over that many threads. */
 __device__ __forceinline__ float hcf_fin_sum(float v, float *sm)
@@ -240,7 +174,7 @@ __global__ void __launch_bounds__(HCF_FIN_THREADS + 32, 1)
     hcf_finish_k(const float *__restrict__ X, int n, int d, const float *__restrict__ part,
                  int nmix, const float *__restrict__ base, const float *__restrict__ scale,
                  int iters, float hc_eps, float norm_eps, const float *__restrict__ w, int head,
-                 float *__restrict__ out, __nv_bfloat16 *__restrict__ xb,
+                 int raw, float *__restrict__ out, __nv_bfloat16 *__restrict__ xb,
                  float *__restrict__ post_out, float *__restrict__ comb_out)
 {
     constexpr int NT = HCF_FIN_THREADS; /* the collapse's threads; warp NT / 32 runs the gates */
@@ -267,8 +201,7 @@ __global__ void __launch_bounds__(HCF_FIN_THREADS + 32, 1)
                               : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         }
     }
-    kern__pdl_wait();
-    kern__pdl_launch();
+    /* X's sum of squares needs no wait (X was written before the projection, see above) */
     float ss = 0.0f;
     if (CJ > 0) { /* in the order of the loop below at CJ = 2 */
 #pragma unroll
@@ -284,15 +217,16 @@ __global__ void __launch_bounds__(HCF_FIN_THREADS + 32, 1)
             ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
         }
     }
-    /* warp w: mixes w, w + NT / 32, ...; lane s loads slice s. The first two mixes' loads are
-     * issued before the block sum below, so their round trip overlaps its barriers (n = 4: all
-     * 24); the slices are added by a butterfly (fixed order) */
+    /* (the gates' warp adds 0: the same sum as over NT threads) */
+    const float red = 1.0f / sqrtf(kern__block_sum(ss, sm) / (float)len + norm_eps);
+    kern__pdl_wait();
+    kern__pdl_launch();
+    /* warp w: mixes w, w + NT / 32, ...; lane s loads slice s (n = 4: all 24 in one round
+     * trip); the slices are added by a butterfly (fixed order) */
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int m0 = warp, m1 = warp + NT / 32;
     const float v0 = fin && m0 < nmix ? part[((size_t)i * HCF_SLICES + lane) * nmix + m0] : 0.0f,
                 v1 = fin && m1 < nmix ? part[((size_t)i * HCF_SLICES + lane) * nmix + m1] : 0.0f;
-    /* (the gates' warp adds 0: the same sum as over NT threads) */
-    const float red = 1.0f / sqrtf(kern__block_sum(ss, sm) / (float)len + norm_eps);
     {
         float a0 = v0, a1 = v1;
 #pragma unroll
@@ -322,8 +256,20 @@ __global__ void __launch_bounds__(HCF_FIN_THREADS + 32, 1)
         if (threadIdx.x < nmix) /* the gates' inputs */
             mix[threadIdx.x] = mix[threadIdx.x] * zs + zb;
         __syncthreads();
-        if (threadIdx.x == NT) /* post and comb (Sinkhorn) beside the collapse */
-            hcf_gates4(mix, iters, hc_eps, post_out + (size_t)i * n, comb_out + (size_t)i * n * n);
+        if (threadIdx.x == NT) { /* post and comb (Sinkhorn) beside the collapse, or (raw) their
+                                  * inputs for kern_hc_post_raw */
+            if (raw) {
+#pragma unroll
+                for (int j = 0; j < 4; j++)
+                    post_out[(size_t)i * 4 + j] = mix[4 + j];
+#pragma unroll
+                for (int j = 0; j < 16; j++)
+                    comb_out[(size_t)i * 16 + j] = mix[8 + j];
+            } else {
+                hcf_gates4(mix, iters, hc_eps, post_out + (size_t)i * n,
+                           comb_out + (size_t)i * n * n);
+            }
+        }
         if (threadIdx.x < 4)
             pre[threadIdx.x] = 1.0f / (1.0f + expf(-mix[threadIdx.x])) + hc_eps;
         if (fin)
@@ -401,8 +347,8 @@ __global__ void hcf_gather_k(const float *__restrict__ X, const int32_t *__restr
 /* mix projection + finish over T rows of X. */
 static int hcf_run(const float *X, int T, int n, int d, const float *fn, int nmix,
                    const float *base, const float *scale, int iters, float hc_eps, float norm_eps,
-                   const float *w, int head, float *part, float *out, uint16_t *xb, float *post,
-                   float *comb, cudaStream_t st)
+                   const float *w, int head, int raw, float *part, float *out, uint16_t *xb,
+                   float *post, float *comb, cudaStream_t st)
 {
     const int len = n * d;
     if (n > HCF_MAX || n < 1 || len % HCF_SLICES || d % 4 ||
@@ -420,7 +366,7 @@ static int hcf_run(const float *X, int T, int n, int d, const float *fn, int nmi
     EX_LAUNCH_CHECK();
     const int cj = n == 4 ? (d / 4 + HCF_FIN_THREADS - 1) / HCF_FIN_THREADS : 0;
     void (*fk)(const float *, int, int, const float *, int, const float *, const float *, int,
-               float, float, const float *, int, float *, __nv_bfloat16 *, float *, float *) =
+               float, float, const float *, int, int, float *, __nv_bfloat16 *, float *, float *) =
         cj == 1   ? hcf_finish_k<1>
         : cj == 2 ? hcf_finish_k<2>
         : cj == 3 ? hcf_finish_k<3>
@@ -428,8 +374,8 @@ static int hcf_run(const float *X, int T, int n, int d, const float *fn, int nmi
     /* (CJ > 0 keeps u in registers, no shared copy) */
     if (kern__launch(fk, T, HCF_FIN_THREADS + 32,
                      cj >= 1 && cj <= 3 ? 0 : sizeof(float) * (size_t)d, st, 1, X, n, d, part, nmix,
-                     base, scale, iters, hc_eps, norm_eps, w, head, out, (__nv_bfloat16 *)xb, post,
-                     comb))
+                     base, scale, iters, hc_eps, norm_eps, w, head, raw, out, (__nv_bfloat16 *)xb,
+                     post, comb))
         return ERR_CUDA;
     EX_LAUNCH_CHECK();
     return 0;
@@ -446,7 +392,18 @@ extern "C" int kern_hc_pre_fast(const float *X, int T, int n_hc, int d, const fl
                                 uint16_t *xb, float *post, float *comb, cudaStream_t st)
 {
     return hcf_run(X, T, n_hc, d, fn, (2 + n_hc) * n_hc, base, scale, iters, hc_eps, norm_eps,
-                   norm_w, 0, ws, x, xb, post, comb, st);
+                   norm_w, 0, 0, ws, x, xb, post, comb, st);
+}
+
+extern "C" int kern_hc_pre_fast_raw(const float *X, int T, int n_hc, int d, const float *fn,
+                                    const float *base, const float *scale, float hc_eps,
+                                    float norm_eps, const float *norm_w, float *ws, float *x,
+                                    uint16_t *xb, float *zpost, float *zcomb, cudaStream_t st)
+{
+    if (n_hc != 4)
+        return ERR_UNSUPPORTED;
+    return hcf_run(X, T, n_hc, d, fn, (2 + n_hc) * n_hc, base, scale, 0, hc_eps, norm_eps, norm_w,
+                   0, 1, ws, x, xb, zpost, zcomb, st);
 }
 
 extern "C" int kern_hc_head_fast(const float *X, const int32_t *rows, int nsel, int n_hc, int d,
@@ -464,5 +421,5 @@ extern "C" int kern_hc_head_fast(const float *X, const int32_t *rows, int nsel, 
         return ERR_CUDA;
     EX_LAUNCH_CHECK();
     return hcf_run(gather_ws, nsel, n_hc, d, fn, n_hc, base, scale, 0, hc_eps, norm_eps, norm_w, 1,
-                   ws, y, NULL, NULL, NULL, st);
+                   0, ws, y, NULL, NULL, NULL, st);
 }

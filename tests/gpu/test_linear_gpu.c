@@ -485,6 +485,84 @@ static void test_mhc(int d)
 }
 
 /*
+ * The gates made by hc_post (kern_hc_pre_fast_raw + kern_hc_post_raw, the engine's fast path)
+ * against the finish making them (kern_hc_pre_fast + kern_hc_post / kern_hc_post_moe): x and
+ * its BF16 copy bit for bit (the same collapse); the new streams within 1e-6 (the same
+ * Sinkhorn operations, built with and without FMA contraction). T rows, f or the MoE's parts
+ * (a padding slot, a duplicate id); outputs poisoned first.
+ */
+static void test_hc_raw(int d, int T, int moe)
+{
+    enum { N = 4, NMIX = 24, K = 6, E = 256 };
+    const size_t len = (size_t)N * d;
+    /* inputs: X, fn, base, scale (4), w, f, yslot, ysh */
+    const size_t nin = T * len + NMIX * len + NMIX + 4 + d + (size_t)T * d * (2 + K);
+    /* outputs per variant: x, X2, gates (20 T), xb (T d BF16) */
+    const size_t one = (size_t)T * d + T * len + 20 * T + (size_t)T * d / 2, nout = 2 * one;
+    float *h = malloc(sizeof(float) * nin), *o = malloc(sizeof(float) * nout);
+    int32_t *idx = malloc(sizeof(int32_t) * T * K);
+    void *din = NULL, *dout = NULL, *dws = NULL, *didx = NULL;
+    int rc = !h || !o || !idx, same_x = 0;
+    for (size_t i = 0; !rc && i < nin; i++)
+        h[i] = frand();
+    float *hfn = h + T * len, *hbase = hfn + NMIX * len, *hscale = hbase + NMIX, *hw = hscale + 4;
+    for (size_t i = 0; !rc && i < NMIX * len; i++)
+        hfn[i] /= 64;
+    for (int j = 0; !rc && j < 4; j++)
+        hscale[j] = 1.0f + hscale[j] / 4;
+    for (int c = 0; !rc && c < d; c++)
+        hw[c] = 1.0f + hw[c] / 4;
+    for (int i = 0; !rc && i < T * K; i++)
+        idx[i] = i % K == 2 ? -1 : (i % K == 4 ? idx[i - 4] : (int32_t)(rnd() % E));
+    rc = rc || kern_malloc(&din, sizeof(float) * nin) || kern_h2d(din, h, sizeof(float) * nin) ||
+         kern_malloc(&dout, sizeof(float) * nout) ||
+         kern_malloc(&dws, sizeof(float) * kern_hc_fast_ws_floats(T, N)) ||
+         kern_malloc(&didx, sizeof(int32_t) * T * K) ||
+         kern_h2d(didx, idx, sizeof(int32_t) * T * K) ||
+         kern_memset(dout, 0xff, sizeof(float) * nout);
+    float *dX = din, *dfn = dX + T * len, *dbase = dfn + NMIX * len, *dscale = dbase + NMIX;
+    float *dw = dscale + 4, *df = dw + d, *dys = df + (size_t)T * d;
+    const struct kern_moe_sum ms = {dys, dys + (size_t)T * K * d, didx, K, E};
+    for (int v = 0; v < 2 && !rc; v++) { /* 0: the finish makes the gates, 1: hc_post does */
+        float *x = (float *)dout + v * one, *X2 = x + (size_t)T * d, *gp = X2 + T * len;
+        uint16_t *xb = d % 128 ? NULL : (uint16_t *)(gp + 20 * T); /* (needs 128-blocks) */
+        rc = (v ? kern_hc_pre_fast_raw(dX, T, N, d, dfn, dbase, dscale, 1e-6f, 1e-6f, dw, dws, x,
+                                       xb, gp, gp + 4 * T, NULL)
+                : kern_hc_pre_fast(dX, T, N, d, dfn, dbase, dscale, 20, 1e-6f, 1e-6f, dw, dws, x,
+                                   xb, gp, gp + 4 * T, NULL)) ||
+             kern_sync(); /* (the posts load the gates before their dependency wait) */
+        if (!rc && v)
+            rc = kern_hc_post_raw(moe ? NULL : df, moe ? &ms : NULL, dX, gp, gp + 4 * T, 20, 1e-6f,
+                                  T, d, X2, NULL);
+        else if (!rc)
+            rc = moe ? kern_hc_post_moe(&ms, dX, gp, gp + 4 * T, T, N, d, X2, NULL)
+                     : kern_hc_post(df, dX, gp, gp + 4 * T, T, N, d, X2, NULL);
+    }
+    rc = rc || kern_sync() || kern_d2h(o, dout, sizeof(float) * nout);
+    double e = INFINITY;
+    if (!rc) {
+        const size_t xs = (size_t)T * d, xbf = (size_t)T * d / 2;
+        same_x = !memcmp(o, o + one, sizeof(float) * xs) &&
+                 !memcmp(o + xs + T * len + 20 * T, o + one + xs + T * len + 20 * T,
+                         sizeof(float) * xbf);
+        double num = 0, den = 0;
+        for (size_t i = 0; i < (size_t)T * len; i++) {
+            const double a = o[xs + i], b = o[one + xs + i];
+            num += (b - a) * (b - a), den += a * a;
+        }
+        e = isnan(num) || den == 0 ? INFINITY : sqrt(num / den);
+    }
+    if (rc)
+        printf("# hc raw: CUDA error: %s\n", kern_last_error());
+    tap(!rc && same_x && e <= 1e-6,
+        "hc gates made by hc_post, d=%d, %d rows%s: x and xb bit-identical: %s; new streams rel "
+        "err %.2e (bound 1e-6)",
+        d, T, moe ? " (MoE parts)" : "", same_x ? "yes" : "NO", e);
+    kern_free(din), kern_free(dout), kern_free(dws), kern_free(didx);
+    free(h), free(o), free(idx);
+}
+
+/*
  * kern_add_split with the BF16 input of the next FP8 linear (xb): y the hi + lo sums (FP32, the
  * host's bits), xb bit for bit kern_act_quant_bf16 of y; outputs poisoned first.
  */
@@ -746,6 +824,10 @@ int main(int argc, char **argv)
         test_mhc(4096); /* Flash */
         test_mhc(7168); /* Pro */
         test_mhc(384);  /* slices not a multiple of 32 columns: the general kernel alone */
+        test_hc_raw(4096, 1, 0);
+        test_hc_raw(4096, 1, 1);
+        test_hc_raw(7168, 3, 1);
+        test_hc_raw(384, 5, 0);
     }
     if (WANT("sample")) {
         test_sample(129280, 64, 0);
