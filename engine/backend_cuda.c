@@ -1037,7 +1037,7 @@ static int lin_grouped(struct cuda_impl *ci, const struct dev_lin *W, const floa
     if (!ci->exact && W->q.fmt == KERN_W_BF16 && !grp_rows && T <= ci->gemv_rows &&
         T <= KERN_GEMV_MAX_T) {
         /* a row or two (the head at decode): x as is on the CUDA cores, one launch (no hi + lo
-         * rows, no split GEMM, no sum), the weights streamed at ~2.9 TB/s */
+         * rows, no split GEMM, no sum); H100: the head read at 3.2 TB/s, through cuBLAS 2.8 */
         const struct kern_gemv_mat m = {W->q.w, rows, y, ldy};
         return kern_gemv_bf16(&m, 1, x, ldx, cols, T, st);
     }

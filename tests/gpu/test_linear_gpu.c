@@ -13,7 +13,9 @@
  * path, whose accumulation is not round-to-nearest). Split FP32 activations
  * keep 16 significant bits: <= 5e-5.
  *
- * The fast mHC collapse of one or two rows bit-identical to the same rows in a 3-row call.
+ * The fast mHC collapse of one or two rows bit-identical to the same rows in a 3-row call; its
+ * post and comb gates made by hc_post (kern_hc_pre_fast_raw + kern_hc_post_raw) against the
+ * finish making them.
  *
  * Also the device sampler (kern_sample_rows): greedy rows must give the host's argmax; drawn rows
  * a token of the host sampler's kept set (min-p, top-k, top-p with its tie rules) whose interval
