@@ -27,11 +27,8 @@ def demangle(names):
 
 
 def short(name, width):
-    base = name.split("(")[0]
-    if "<" in base:
-        head, _, args = base.partition("<")
-        base = head + "<" + args
-    base = base.replace("(anonymous namespace)::", "").replace("void ", "")
+    """The demangled name without its return type and argument list, at most width long."""
+    base = name.replace("(anonymous namespace)::", "").replace("void ", "").split("(")[0]
     return base if len(base) <= width else base[: width - 1] + "~"
 
 
