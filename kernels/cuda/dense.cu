@@ -2,8 +2,8 @@
  * dense.cu - the row-wise ops of the DSV4 walk: embedding, mHC pre/post/head, RMSNorm, RoPE of
  * queries and KV latents, FP8/FP4 activation round trips, clamped SwiGLU and the MoE combine.
  * Twins of kernels/cpu/{mhc,norm,rope,numfmt,moe}.c with the CPU's arithmetic (exact.cuh).
- * One block per row (or per row and head); reductions that the CPU does sequentially are done
- * sequentially by thread 0 in the same order.
+ * One block per row (or per row and head; the embedding per row and 256 columns); reductions
+ * that the CPU does sequentially are done sequentially by thread 0 in the same order.
  */
 #include <cuda_bf16.h>
 
