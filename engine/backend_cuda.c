@@ -1195,9 +1195,10 @@ static int attention_sublayer(struct cuda_impl *ci, int li, const struct kern_ba
         if (xb)
             xb_made(ci, s->qlat, T, ql, 1, 0, 0);
     }
-    TRY(lin(ci, &L->wq_b, s->qlat, T, ACT_QUANT, s->qlat_q, s->q));
-    if (csa)
-        TRY(lin(ci, &L->idx_wq_b, s->qlat, T, ACT_QUANT, s->qlat_q, s->qi));
+    if (csa) /* both read the normed q latent: one launch where lin_pair can */
+        TRY(lin_pair(ci, &L->wq_b, s->q, &L->idx_wq_b, s->qi, s->qlat, T, s->qlat_q));
+    else
+        TRY(lin(ci, &L->wq_b, s->qlat, T, ACT_QUANT, s->qlat_q, s->q));
     prof_mark(ci, PR_PROJ);
     if (cst != st)
         TRY(kern_stream_wait(st, ci->ev[EV_WI]));

@@ -165,6 +165,13 @@ __global__ void __launch_bounds__(512)
     }
 }
 
+/* The inverse rotation (ex_rope_pair(.., 1)) of RoPE pair i at pos: (cos, -sin). */
+__device__ __forceinline__ float2 atc_rope_cs(const float *inv_freq, int i, long pos)
+{
+    const float ang = (float)pos * inv_freq[i];
+    return make_float2(ex_cosf(ang), -ex_sinf(ang));
+}
+
 /* One block per (row, head), a thread per pair of columns: merge the S partials (weights
  * exp(m_z - M), sums in split order), normalise, inverse RoPE of the pair if it is a RoPE one.
  * xb (NULL: not written): o also as BF16 hi (rows 0..T) and lo (rows T..2T) of H hd columns,
@@ -174,9 +181,12 @@ __global__ void attn_combine_k(const float *part, int hd, int S, int H, int rope
                                __nv_bfloat16 *xb)
 {
     __shared__ float wz[ATTF_MAXS], dz[ATTF_MAXS]; /* each split's weight and denominator */
+    const int i2 = threadIdx.x, t = blockIdx.x / H;
+    const int j = 2 * i2 - (hd - rope_dim); /* its place among the RoPE dims */
+    /* a RoPE pair's rotation before the dependency wait (the position is the batch's) */
+    const float2 cs = j >= 0 ? atc_rope_cs(inv_freq, j / 2, row_pos[t]) : make_float2(1.f, 0.f);
     kern__pdl_wait();
     kern__pdl_launch();
-    const int i2 = threadIdx.x, t = blockIdx.x / H;
     const float *p = part + (size_t)blockIdx.x * S * (hd + 2);
     /* the first 8 splits' values loaded together with the splits' maxima (warp 0), then the
      * same sums in the same order as one split after another: one memory round trip for S <= 8
@@ -213,9 +223,11 @@ __global__ void attn_combine_k(const float *part, int hd, int S, int H, int rope
         v.y += x.y * wz[z];
     }
     float r[2] = {v.x / den, v.y / den};
-    const int j = 2 * i2 - (hd - rope_dim); /* its place among the RoPE dims */
-    if (j >= 0)
-        ex_rope_pair(r, 0, inv_freq + j / 2, row_pos[t], 1);
+    if (j >= 0) { /* ex_rope_pair's arithmetic */
+        const float a = r[0], c = r[1];
+        r[0] = a * cs.x - c * cs.y;
+        r[1] = c * cs.x + a * cs.y;
+    }
     *(float2 *)(o + (size_t)blockIdx.x * hd + 2 * i2) = make_float2(r[0], r[1]);
     if (xb) {
         const __nv_bfloat162 hi = __floats2bfloat162_rn(r[0], r[1]);
@@ -563,12 +575,26 @@ __global__ void __launch_bounds__(MT * 128 * SW, 1)
     }
     if (S > 1 || col0 + HD / 4 < HD)
         return; /* the last quarter's warps hold the RoPE dims (rope_dim <= HD / 4) */
+    /* the rotations once per lane (pairs lane, lane + 32: rope_dim <= 128), not once per head
+     * and pair (double-precision sin and cos: 16 of them in a row per lane), then handed by
+     * shuffles to the lanes that apply them; ex_rope_pair's arithmetic */
+    const int np = rope_dim / 2;
+    const float2 c0 = lane < np ? atc_rope_cs(inv_freq, lane, a.pos) : make_float2(1.f, 0.f),
+                 c1 = lane + 32 < np ? atc_rope_cs(inv_freq, lane + 32, a.pos)
+                                     : make_float2(1.f, 0.f);
     __syncwarp();
-    for (int i = lane; i < 16 * (rope_dim / 2); i += 32) {
-        const int h = h0 + mt * 16 + i / (rope_dim / 2);
-        if (h < H)
-            ex_rope_pair(o + ((size_t)t * H + h) * HD + HD - rope_dim, i % (rope_dim / 2), inv_freq,
-                         a.pos, 1);
+    for (int i0 = 0; i0 < 16 * np; i0 += 32) { /* warp-uniform trips (the shuffles) */
+        const int i = i0 + lane, h = h0 + mt * 16 + i / np, pi = i % np;
+        const float x0 = __shfl_sync(0xffffffffu, c0.x, pi & 31),
+                    y0 = __shfl_sync(0xffffffffu, c0.y, pi & 31),
+                    x1 = __shfl_sync(0xffffffffu, c1.x, pi & 31),
+                    y1 = __shfl_sync(0xffffffffu, c1.y, pi & 31);
+        const float cx = pi < 32 ? x0 : x1, sy = pi < 32 ? y0 : y1;
+        if (i < 16 * np && h < H) {
+            float2 *x = (float2 *)(o + ((size_t)t * H + h) * HD + HD - rope_dim) + pi;
+            const float2 v = *x;
+            *x = make_float2(v.x * cx - v.y * sy, v.y * cx + v.x * sy);
+        }
     }
 }
 

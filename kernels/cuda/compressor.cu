@@ -8,9 +8,12 @@
  * The recurrence is only in the state, so a chunk runs in parallel: one block per entry the
  * chunk completes reads its candidate rows from the chunk's projections or, for positions before
  * the chunk, from the state as the step found it (comp_fetch); a second kernel then writes the
- * state the chunk leaves (per column, read all, then write). Each entry's arithmetic is the
- * CPU's, in its order, so results are bit-identical to the token-by-token recurrence (with
- * `fast`, the fast path's: the RMSNorm's sum of squares over a block tree).
+ * state the chunk leaves (per column, read all, then write). Short steps (at most ratio rows
+ * a sequence) do both in one block per sequence (compress_seq_k), and decode steps (one row a
+ * sequence) in compress_dec_k: a step changes one state row unless it completes an entry, and
+ * each column's state is read and written by one thread, so no barrier is needed. Each entry's
+ * arithmetic is the CPU's, in its order, so results are bit-identical to the token-by-token
+ * recurrence (with `fast`, the fast path's: the RMSNorm's sum of squares over a block tree).
  *
  * State rows (per layer, (coff*ratio, coff*D) values and scores with the positional bias):
  * overlapping (CSA): rows [ratio, 2 ratio) the incomplete group by position % ratio, rows
@@ -76,17 +79,47 @@ struct comp_args {
     float eps;
 };
 
+/* Entry idx of sequence s from its pooled values e (D floats of shared memory, written by the
+ * block): RMSNorm(norm), RoPE at idx * ratio, the rounding (quant), then its place in the
+ * sequence's blocks. Called by the whole block. */
+__device__ void comp_finish(const struct kern_batch &b, const struct kern_cache &c,
+                            const struct kern_layer_cache &l, const struct comp_args &ca, int s,
+                            long idx, float *e)
+{
+    __shared__ float red[32], scales[128];
+    const int D = ca.D, indexer = ca.indexer, rope_dim = ca.rope_dim, ratio = l.ratio;
+    blk_rmsnorm(e, ca.norm, D, ca.eps, ca.fast, red);
+    ex_block_rope(e + D - rope_dim, rope_dim, ca.inv_freq, idx * ratio, 0);
+    if (ca.quant) {
+        if (indexer) {
+            ex_block_hadamard(e, D);
+            ex_block_rt(e, D, 32, 1, scales);
+        } else {
+            ex_block_rt(e, D - rope_dim, 64, 0, scales);
+        }
+    }
+    const long tok = idx * ratio;
+    const int blk = b.bt[b.seq_bt[s] + tok / DSV4_BLOCK_TOKENS];
+    char *dst = c.blocks + (size_t)blk * c.block_bytes + (indexer ? l.blk_i : l.blk) +
+                (size_t)((tok % DSV4_BLOCK_TOKENS) / ratio) * (indexer ? l.ient : l.ent);
+    if (l.fp8) { /* exact: the values are on the FP8 (FP4) grid already (kvfmt.cuh) */
+        if (indexer)
+            kvf_put_blocks(e, D, 32, (uint8_t *)dst, (uint8_t *)dst + D);
+        else
+            kvf_put_entry(e, D, rope_dim, (uint8_t *)dst);
+        return;
+    }
+    for (int j = threadIdx.x; j < D; j += blockDim.x)
+        ((float *)dst)[j] = e[j];
+}
+
 /* Entry p0/ratio + k of sequence s, if this chunk completes it (block-uniform); e: D floats of
  * shared memory. */
 __device__ void comp_entry(const struct kern_batch &b, const struct kern_cache &c,
                            const struct kern_layer_cache &l, const struct comp_args &ca, int s,
                            int k, float *e)
 {
-    __shared__ float red[32], scales[128];
-    const int D = ca.D, overlap = ca.overlap, indexer = ca.indexer, rope_dim = ca.rope_dim;
-    const float *norm = ca.norm, *inv_freq = ca.inv_freq;
-    const float eps = ca.eps;
-    const int quant = ca.quant;
+    const int D = ca.D, overlap = ca.overlap, indexer = ca.indexer;
     const struct comp_seq q = comp_seq_of(b, c, l, s, ca.a, ca.z, ca.ape, D, overlap, indexer);
     const int ratio = q.ratio, nrows = (overlap ? 2 : 1) * ratio;
     const long idx = q.p0 / ratio + k;
@@ -111,29 +144,7 @@ __device__ void comp_entry(const struct kern_batch &b, const struct kern_cache &
         }
         e[ch] = num / den;
     }
-    blk_rmsnorm(e, norm, D, eps, ca.fast, red);
-    ex_block_rope(e + D - rope_dim, rope_dim, inv_freq, idx * ratio, 0);
-    if (quant) {
-        if (indexer) {
-            ex_block_hadamard(e, D);
-            ex_block_rt(e, D, 32, 1, scales);
-        } else {
-            ex_block_rt(e, D - rope_dim, 64, 0, scales);
-        }
-    }
-    const long tok = idx * ratio;
-    const int blk = b.bt[b.seq_bt[s] + tok / DSV4_BLOCK_TOKENS];
-    char *dst = c.blocks + (size_t)blk * c.block_bytes + (indexer ? l.blk_i : l.blk) +
-                (size_t)((tok % DSV4_BLOCK_TOKENS) / ratio) * (indexer ? l.ient : l.ent);
-    if (l.fp8) { /* exact: the values are on the FP8 (FP4) grid already (kvfmt.cuh) */
-        if (indexer)
-            kvf_put_blocks(e, D, 32, (uint8_t *)dst, (uint8_t *)dst + D);
-        else
-            kvf_put_entry(e, D, rope_dim, (uint8_t *)dst);
-        return;
-    }
-    for (int j = threadIdx.x; j < D; j += blockDim.x)
-        ((float *)dst)[j] = e[j];
+    comp_finish(b, c, l, ca, s, idx, e);
 }
 
 /* The state of sequence s after the chunk, one column per thread. */
@@ -201,6 +212,142 @@ __global__ void compress_seq_k(struct kern_batch b, struct kern_cache c, struct 
     comp_state(b, c, l, ca, blockIdx.x);
 }
 
+/*
+ * Decode steps (every sequence one row, at position p): grid (nseq), the columns ch < D split
+ * over the threads (thread t: t and t + COMP_THREADS, D <= 2 COMP_THREADS). A step changes one
+ * state row, or, when it completes entry p / ratio, pools it from the state rows and the row;
+ * each state element is read and written by the thread that owns its column, so no barrier
+ * orders them. Same values and sums, in the same order, as compress_seq_k (comp_fetch's
+ * candidate r is state row r here, the last one the step's row), so the bits are the same.
+ *
+ * OV == 4 (CSA, overlapping, ratio 4): the row goes to state row 4 + p % 4; completing, entry
+ * candidates are rows 0..3 (columns ch) and 4..6 + the row (columns D + ch), then rows 0..3
+ * become the completed group (old rows 4..6 + the row, all 2D columns) and rows 4..7 are
+ * stale until overwritten. OV == 0 (any ratio): the row goes to state row p % ratio unless it
+ * completes the entry (candidates rows 0..ratio-2 + the row).
+ *
+ * Nothing read before the dependency wait was written by the last two kernels: the batch
+ * description (uploaded before the step), the positional bias and the state (this kernel's
+ * previous step); the projections a, z after it.
+ */
+#define COMP_DEC_CPT 2 /* columns per thread */
+template <int OV>
+__global__ void __launch_bounds__(COMP_THREADS)
+    compress_dec_k(struct kern_batch b, struct kern_cache c, struct kern_layer_cache l,
+                   const struct comp_args ca)
+{
+    extern __shared__ __align__(16) float e[]; /* (D) the pooled entry */
+    const int s = blockIdx.x, D = ca.D, ratio = OV ? OV : l.ratio, cols = OV ? 2 * D : D;
+    const int row0 = b.seq_row0[s], p = b.row_pos[row0], m = p % ratio;
+    const bool done = m == ratio - 1; /* the step completes entry p / ratio (block-uniform) */
+    const char *slot = c.state + (size_t)b.seq_slot[s] * c.slot_bytes;
+    float *kvs = (float *)(slot + (ca.indexer ? l.icomp_kv : l.comp_kv)),
+          *scs = (float *)(slot + (ca.indexer ? l.icomp_sc : l.comp_sc));
+    const float *a = ca.a + (size_t)row0 * cols, *z = ca.z + (size_t)row0 * cols,
+                *ape = ca.ape + (size_t)m * cols;
+    constexpr int NH = OV ? 2 : 1;          /* column halves: ch and (OV) D + ch */
+    constexpr int NR = OV ? 2 * OV - 1 : 1; /* state candidates held in registers (OV) */
+    /* OV: kv/sc[j][r] = state row r < 2 OV - 1 of column ch (r < OV) or D + ch (r >= OV), and
+     * kh/sh[j][r] = state row OV + r of column ch (completing steps only) */
+    float fa[COMP_DEC_CPT][NH], fz[COMP_DEC_CPT][NH], kv[COMP_DEC_CPT][NR], sc[COMP_DEC_CPT][NR],
+        kh[COMP_DEC_CPT][OV ? OV - 1 : 1], sh[COMP_DEC_CPT][OV ? OV - 1 : 1];
+#pragma unroll
+    for (int j = 0; j < COMP_DEC_CPT; j++) {
+        const int ch = threadIdx.x + COMP_THREADS * j;
+        if (ch >= D)
+            continue;
+#pragma unroll
+        for (int h = 0; h < NH; h++)
+            fz[j][h] = ape[h * D + ch];
+        if (OV && done) {
+#pragma unroll
+            for (int r = 0; r < NR; r++) {
+                const size_t at = (size_t)r * cols + (r < OV ? ch : D + ch);
+                kv[j][r] = kvs[at];
+                sc[j][r] = scs[at];
+            }
+#pragma unroll
+            for (int r = 0; r < OV - 1; r++) {
+                kh[j][r] = kvs[(size_t)(OV + r) * cols + ch];
+                sh[j][r] = scs[(size_t)(OV + r) * cols + ch];
+            }
+        }
+    }
+    kern__pdl_wait();
+    kern__pdl_launch();
+#pragma unroll
+    for (int j = 0; j < COMP_DEC_CPT; j++) {
+        const int ch = threadIdx.x + COMP_THREADS * j;
+        if (ch >= D)
+            continue;
+#pragma unroll
+        for (int h = 0; h < NH; h++) {
+            fa[j][h] = a[h * D + ch];
+            fz[j][h] = z[h * D + ch] + fz[j][h];
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < COMP_DEC_CPT; j++) {
+        const int ch = threadIdx.x + COMP_THREADS * j;
+        if (ch >= D)
+            continue;
+        if (!done) {
+            const size_t row = (size_t)(OV ? OV + m : m) * cols;
+#pragma unroll
+            for (int h = 0; h < NH; h++) {
+                kvs[row + h * D + ch] = fa[j][h];
+                scs[row + h * D + ch] = fz[j][h];
+            }
+            continue;
+        }
+        /* the entry's column ch: candidates in comp_entry's order, the step's row last */
+        float mx = -INFINITY, den = 0.0f, num = 0.0f;
+        if (OV) {
+#pragma unroll
+            for (int r = 0; r < NR; r++)
+                mx = fmaxf(mx, sc[j][r]);
+            mx = fmaxf(mx, fz[j][NH - 1]);
+#pragma unroll
+            for (int r = 0; r < NR; r++) {
+                const float q = ex_expf(sc[j][r] - mx);
+                den += q;
+                num += q * kv[j][r];
+            }
+        } else {
+#pragma unroll 8
+            for (int r = 0; r < ratio - 1; r++)
+                mx = fmaxf(mx, scs[(size_t)r * cols + ch]);
+            mx = fmaxf(mx, fz[j][0]);
+#pragma unroll 8
+            for (int r = 0; r < ratio - 1; r++) {
+                const float q = ex_expf(scs[(size_t)r * cols + ch] - mx);
+                den += q;
+                num += q * kvs[(size_t)r * cols + ch];
+            }
+        }
+        const float q = ex_expf(fz[j][NH - 1] - mx);
+        den += q;
+        num += q * fa[j][NH - 1];
+        e[ch] = num / den;
+        if (OV) { /* rows 0..OV-1 <- the completed group: old rows OV.. and the step's row */
+#pragma unroll
+            for (int r = 0; r < OV - 1; r++) {
+                kvs[(size_t)r * cols + ch] = kh[j][r];
+                scs[(size_t)r * cols + ch] = sh[j][r];
+                kvs[(size_t)r * cols + D + ch] = kv[j][OV + r];
+                scs[(size_t)r * cols + D + ch] = sc[j][OV + r];
+            }
+#pragma unroll
+            for (int h = 0; h < NH; h++) {
+                kvs[(size_t)(OV - 1) * cols + h * D + ch] = fa[j][h];
+                scs[(size_t)(OV - 1) * cols + h * D + ch] = fz[j][h];
+            }
+        }
+    }
+    if (done)
+        comp_finish(b, c, l, ca, s, p / ratio, e);
+}
+
 extern "C" int kern_compress(const struct kern_batch *b, const struct kern_cache *c,
                              const struct kern_layer_cache *l, const float *a, const float *z,
                              const float *ape, const float *norm, int D, int overlap, int indexer,
@@ -216,6 +363,15 @@ extern "C" int kern_compress(const struct kern_batch *b, const struct kern_cache
     const struct comp_args ca = {a,       z,       ape,      norm,  inv_freq, D,
                                  overlap, indexer, rope_dim, quant, fast,     eps};
     const size_t smem = sizeof(float) * (size_t)D;
+    if (b->max_n == 1 && D <= COMP_DEC_CPT * COMP_THREADS && (!overlap || l->ratio == 4)) {
+        if (overlap ? kern__launch(compress_dec_k<4>, b->nseq, COMP_THREADS, smem, st, 1, *b, *c,
+                                   *l, ca)
+                    : kern__launch(compress_dec_k<0>, b->nseq, COMP_THREADS, smem, st, 1, *b, *c,
+                                   *l, ca))
+            return ERR_CUDA;
+        EX_LAUNCH_CHECK();
+        return 0;
+    }
     if (ne <= 2) { /* decode-sized steps */
         if (kern__launch(compress_seq_k, b->nseq, COMP_THREADS, smem, st, 1, *b, *c, *l, ca,
                          (int)ne))

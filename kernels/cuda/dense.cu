@@ -324,13 +324,21 @@ extern "C" int kern_hc_head(const float *X, const int32_t *rows, int nsel, int n
 __global__ void rmsnorm_k(const float *x, const float *w, int n, float eps, int fast, float *out,
                           __nv_bfloat16 *xb)
 {
+    /* the fast path's weights before the dependency wait (static data) */
+    const bool pre = fast && n <= 4 * (int)blockDim.x;
+    float g[4];
+    if (pre)
+        blk_norm_w4(g, w, n);
     kern__pdl_wait();
     kern__pdl_launch();
     __shared__ float red[32];
     extern __shared__ __align__(16) float v[]; /* (n) */
     const int t = blockIdx.x;
     blk_load(v, x + (size_t)t * n, n);
-    blk_rmsnorm(v, w, n, eps, fast, red);
+    if (pre)
+        blk_rmsnorm_w4(v, g, w != NULL, n, eps, red);
+    else
+        blk_rmsnorm(v, w, n, eps, fast, red);
     for (int i = threadIdx.x; i < n; i += blockDim.x)
         out[(size_t)t * n + i] = v[i];
     if (xb) /* n % 128 == 0: a warp's 32 float4 are one 128-column block */
@@ -422,15 +430,36 @@ extern "C" int kern_act_quant_bf16(const float *x, int ldx, int T, int cols, int
 
 /* ---- queries and latents ---- */
 
+/*
+ * What attn_prep_k's blocks make before their dependency wait, from static data and the batch
+ * (written before the step): the RoPE rotation of the thread's pair (blk_rope_cs; cs_ok: every
+ * pair has a thread) and, fast path, the KV norm's weights (g; pre).
+ */
+struct prep_pre {
+    float2 cs;
+    float g[4];
+    bool cs_ok, pre;
+};
+
+/* RoPE of the rope_dim dims at x, row position pos: with p's rotation where it has one. */
+__device__ __forceinline__ void prep_rope(float *x, int rope_dim, const float *inv_freq, long pos,
+                                          const struct prep_pre &p)
+{
+    if (p.cs_ok)
+        blk_rope_with(x, rope_dim, p.cs);
+    else
+        ex_block_rope(x, rope_dim, inv_freq, pos, 0);
+}
+
 /* q head (t, h): weightless RMSNorm over hd, RoPE of the trailing dims (v: hd floats) */
 __device__ __forceinline__ void q_head(float *q, const int32_t *row_pos, int t, int h, int H,
                                        int hd, int rope_dim, const float *inv_freq, float eps,
-                                       int fast, float *v, float *red)
+                                       int fast, float *v, float *red, const struct prep_pre &p)
 {
     float *qh = q + ((size_t)t * H + h) * hd;
     blk_load(v, qh, hd);
     blk_rmsnorm(v, NULL, hd, eps, fast, red);
-    ex_block_rope(v + hd - rope_dim, rope_dim, inv_freq, row_pos[t], 0);
+    prep_rope(v + hd - rope_dim, rope_dim, inv_freq, row_pos[t], p);
     for (int i = threadIdx.x; i < hd; i += blockDim.x)
         qh[i] = v[i];
 }
@@ -440,12 +469,15 @@ __device__ __forceinline__ void q_head(float *q, const int32_t *row_pos, int t, 
 __device__ __forceinline__ void kv_row(float *kv, const int32_t *row_pos, int t, int hd,
                                        const float *w, int rope_dim, const float *inv_freq,
                                        float eps, int quant, int fast, float *v, float *red,
-                                       float *scales)
+                                       float *scales, const struct prep_pre &p)
 {
     float *kt = kv + (size_t)t * hd;
     blk_load(v, kt, hd);
-    blk_rmsnorm(v, w, hd, eps, fast, red);
-    ex_block_rope(v + hd - rope_dim, rope_dim, inv_freq, row_pos[t], 0);
+    if (p.pre)
+        blk_rmsnorm_w4(v, p.g, w != NULL, hd, eps, red);
+    else
+        blk_rmsnorm(v, w, hd, eps, fast, red);
+    prep_rope(v + hd - rope_dim, rope_dim, inv_freq, row_pos[t], p);
     if (quant)
         ex_block_rt(v, hd - rope_dim, 64, 0, scales);
     for (int i = threadIdx.x; i < hd; i += blockDim.x)
@@ -455,12 +487,13 @@ __device__ __forceinline__ void kv_row(float *kv, const int32_t *row_pos, int t,
 /* indexer query head (t, h): RoPE, (quant) Hadamard + FP4 round trip; its weight / sqrt(Hi) */
 __device__ __forceinline__ void iq_head(float *qi, float *wi, const int32_t *row_pos, int t, int h,
                                         int Hi, int Di, int rope_dim, const float *inv_freq,
-                                        int quant, float *v, float *scales)
+                                        int quant, float *v, float *scales,
+                                        const struct prep_pre &p)
 {
     float *qh = qi + ((size_t)t * Hi + h) * Di;
     blk_load(v, qh, Di);
     __syncthreads();
-    ex_block_rope(v + Di - rope_dim, rope_dim, inv_freq, row_pos[t], 0);
+    prep_rope(v + Di - rope_dim, rope_dim, inv_freq, row_pos[t], p);
     if (quant) {
         ex_block_hadamard(v, Di);
         ex_block_rt(v, Di, 32, 1, scales);
@@ -488,23 +521,32 @@ struct attn_prep_args {
  * T Hi indexer heads. */
 __global__ void attn_prep_k(const struct attn_prep_args a)
 {
-    kern__pdl_wait();
-    kern__pdl_launch();
     __shared__ float red[32], scales[128];
     extern __shared__ __align__(16) float v[]; /* (max(hd, Di)) */
     const long i = blockIdx.x, nq = (long)a.T * a.H;
-    if (i < nq)
-        q_head(a.q, a.row_pos, (int)(i / a.H), (int)(i % a.H), a.H, a.hd, a.rope_dim, a.inv_freq,
-               a.eps, a.fast, v, red);
-    else if (i < nq + a.T) {
-        kv_row(a.kv, a.row_pos, (int)(i - nq), a.hd, a.kv_w, a.rope_dim, a.inv_freq, a.eps, a.quant,
-               a.fast, v, red, scales);
+    const int kind = i < nq ? 0 : (i < nq + a.T ? 1 : 2); /* q head, KV row, indexer head */
+    const int t =
+        kind == 0 ? (int)(i / a.H) : (kind == 1 ? (int)(i - nq) : (int)((i - nq - a.T) / a.Hi));
+    struct prep_pre p;
+    p.cs_ok = a.rope_dim / 2 <= (int)blockDim.x;
+    p.cs = p.cs_ok ? blk_rope_cs(a.inv_freq, a.rope_dim, a.row_pos[t]) : make_float2(1.0f, 0.0f);
+    p.pre = kind == 1 && a.fast && a.hd <= 4 * (int)blockDim.x;
+    if (p.pre)
+        blk_norm_w4(p.g, a.kv_w, a.hd);
+    kern__pdl_wait();
+    kern__pdl_launch();
+    if (kind == 0)
+        q_head(a.q, a.row_pos, t, (int)(i % a.H), a.H, a.hd, a.rope_dim, a.inv_freq, a.eps, a.fast,
+               v, red, p);
+    else if (kind == 1) {
+        kv_row(a.kv, a.row_pos, t, a.hd, a.kv_w, a.rope_dim, a.inv_freq, a.eps, a.quant, a.fast, v,
+               red, scales, p);
         if (a.win)
-            kvf_put_window(a.b, a.c, a.l, (int)(i - nq), v, a.hd, a.W);
+            kvf_put_window(a.b, a.c, a.l, t, v, a.hd, a.W);
     } else {
         const long j = i - nq - a.T;
-        iq_head(a.qi, a.wi, a.row_pos, (int)(j / a.Hi), (int)(j % a.Hi), a.Hi, a.Di, a.rope_dim,
-                a.inv_freq, a.quant, v, scales);
+        iq_head(a.qi, a.wi, a.row_pos, t, (int)(j % a.Hi), a.Hi, a.Di, a.rope_dim, a.inv_freq,
+                a.quant, v, scales, p);
     }
 }
 

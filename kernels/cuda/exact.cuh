@@ -514,6 +514,60 @@ __device__ __forceinline__ void blk_rmsnorm(float *x, const float *w, int n, flo
     __syncthreads();
 }
 
+/* The weights of blk_rmsnorm_w4 (g[u] = w[threadIdx.x + u blockDim.x], ones where absent),
+ * loadable before a kernel's dependency wait. */
+__device__ __forceinline__ void blk_norm_w4(float (&g)[4], const float *w, int n)
+{
+#pragma unroll
+    for (int u = 0; u < 4; u++) {
+        const int i = (int)threadIdx.x + u * (int)blockDim.x;
+        g[u] = w && i < n ? w[i] : 1.0f;
+    }
+}
+
+/* blk_rmsnorm's fast path with its weights already in registers (blk_norm_w4; weighted: w was
+ * not NULL), n <= 4 blockDim.x: the same arithmetic in the same order. */
+__device__ __forceinline__ void blk_rmsnorm_w4(float *x, const float (&g)[4], bool weighted, int n,
+                                               float eps, float *red /* shared, 32 floats */)
+{
+    __syncthreads(); /* x was written by the whole block */
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x)
+        ss += x[i] * x[i];
+    const float r = 1.0f / sqrtf(kern__block_sum(ss, red) / (float)n + eps);
+#pragma unroll
+    for (int u = 0; u < 4; u++) {
+        const int i = (int)threadIdx.x + u * (int)blockDim.x;
+        if (i < n)
+            x[i] = weighted ? g[u] * (x[i] * r) : x[i] * r;
+    }
+    __syncthreads();
+}
+
+/* ex_rope_pair's cos and sin of pair threadIdx.x at pos (identity past rope_dim / 2): needs
+ * only the position, so a kernel can make it before its dependency wait. */
+__device__ __forceinline__ float2 blk_rope_cs(const float *inv_freq, int rope_dim, long pos)
+{
+    const int i = threadIdx.x;
+    if (i >= rope_dim / 2)
+        return make_float2(1.0f, 0.0f);
+    const float ang = (float)pos * inv_freq[i];
+    return make_float2(ex_cosf(ang), ex_sinf(ang));
+}
+
+/* ex_block_rope(x, rope_dim, inv_freq, pos, 0) with the thread's rotation cs = blk_rope_cs(
+ * inv_freq, rope_dim, pos), made earlier (rope_dim / 2 <= blockDim.x). */
+__device__ __forceinline__ void blk_rope_with(float *x, int rope_dim, float2 cs)
+{
+    const int i = threadIdx.x;
+    if (i < rope_dim / 2) {
+        const float a = x[2 * i], b = x[2 * i + 1];
+        x[2 * i] = a * cs.x - b * cs.y;
+        x[2 * i + 1] = b * cs.x + a * cs.y;
+    }
+    __syncthreads();
+}
+
 /* Rotate (or un-rotate) the rope_dim trailing dims starting at x (interleaved pairs). */
 __device__ __forceinline__ void ex_block_rope(float *x, int rope_dim, const float *inv_freq,
                                               long pos, int inverse)

@@ -590,6 +590,42 @@ __device__ int block_scan(int v, int *total, int *smem /* 33 */)
     return base + x - v;
 }
 
+/*
+ * The grouping of moe_prep for TK <= 32 pairs by one warp (lane i holds pair i): the same
+ * tiles, offsets and positions as the block-wide scans (experts in id order, a pair's place
+ * inside its expert by lane order, where the block's atomics pick any order: no value depends
+ * on it), in a few shuffles instead of a dozen block barriers.
+ */
+__device__ __forceinline__ void moe__group_warp(const int32_t *idx, int TK, int E, int BT,
+                                                int32_t *__restrict__ sorted,
+                                                int32_t *__restrict__ pos, int4 *__restrict__ tiles,
+                                                int32_t *__restrict__ ntiles)
+{
+    const int lane = threadIdx.x & 31;
+    int e = lane < TK ? idx[lane] : -1;
+    e = e >= 0 && e < E ? e : -1; /* -1: no expert (padding rows, lanes past TK) */
+    const unsigned same = __match_any_sync(0xffffffffu, e);
+    const int c = __popc(same), lead = e >= 0 && lane == __ffs(same) - 1;
+    const int nt = lead ? (c + BT - 1) / BT : 0; /* the expert's tiles, on its first lane */
+    int o = 0, tb = 0, ttot = 0;                 /* pairs and tiles of lower experts; tiles */
+    for (int k = 0; k < 32; k++) {
+        const int ek = __shfl_sync(0xffffffffu, e, k), ntk = __shfl_sync(0xffffffffu, nt, k);
+        o += ek >= 0 && ek < e;
+        tb += ek < e ? ntk : 0;
+        ttot += ntk;
+    }
+    if (lane < TK) {
+        const int p = e >= 0 ? o + __popc(same & ((1u << lane) - 1u)) : -1;
+        if (p >= 0)
+            sorted[p] = lane;
+        pos[lane] = p;
+    }
+    for (int i = 0; i < nt; i++)
+        tiles[tb + i] = make_int4(e, o + i * BT, min(BT, c - i * BT), 0);
+    if (lane == 0)
+        *ntiles = ttot;
+}
+
 /* Router fused into the grouping block (kern_moe_forward with small T). */
 struct prep_route {
     const float *logits; /* (T, E) */
@@ -644,6 +680,17 @@ __global__ void __launch_bounds__(MOE_GROUP_THREADS)
             moe__topk_token(t, threadIdx.x & 31, rt.logits, E, K, rt.bias, rt.tid2eid, rt.vocab,
                             rt.tokens, rt.route_scale, rt.idx, rt.w, sm + 3 * E);
         idx = sm + 3 * E;
+        if (TK <= 32) {
+            if (rt.T > 1)
+                __syncthreads(); /* the other tokens' warps' ids */
+            else
+                __syncwarp(); /* T = 1: warp 0 wrote them */
+        }
+    }
+    if (TK <= 32) { /* decode-sized steps: warp 0 alone, no block barriers */
+        if (threadIdx.x < 32)
+            moe__group_warp(idx, TK, E, BT, sorted, pos, tiles, ntiles);
+        return;
     }
     const int tid = threadIdx.x;
     for (int e = tid; e < E; e += blockDim.x)

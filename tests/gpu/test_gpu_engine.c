@@ -3,13 +3,13 @@
  *
  * Runs: the exact kernels (DSV4_CUDA_EXACT's path) on builtin:tiny-flash and tiny-pro in model
  * numerics and tiny-flash in exact numerics, then the same three on the fast path (tensor-core
- * linears, the default). Each: a 300-token prompt (window wrap, 2 HCA entries, 75 CSA entries
- * with real top-k selection), then 64 decode steps:
+ * linears, the default). Each: a 330-token prompt (window wrap, 2 HCA entries, 82 CSA entries
+ * with real top-k selection), then 64 decode steps (the third HCA entry completes in one):
  *   - logits of the prefill row and every decode row against the CPU (see compare() and
  *     LOGIT_TOL* for the bounds: bit identity on the exact kernels);
  *   - greedy tokens identical for all 64 steps (fast path in model numerics: agreement
  *     calibrated against the CPU's FP32 twin);
- *   - chunked prefill (1 + 127 + 86 + 86 tokens) against one chunk;
+ *   - chunked prefill (1 + 127 + 101 + 101 tokens) against one chunk;
  *   - batch invariance: the prompt prefilled inside a step of 32 sequences of mixed lengths,
  *     then decoded for 16 steps (CUDA-graph steps) while others decode and (at step 4) new
  *     prompts prefill, against running it alone;
@@ -66,7 +66,7 @@
 static int FAST;  /* the backend under test runs its tensor-core path */
 static int CALIB; /* FAST in model numerics: bounds calibrated against a CPU twin */
 static double TOL = LOGIT_TOL;
-#define PROMPT_MAX 300
+#define PROMPT_MAX 330
 static int PROMPT = PROMPT_MAX, DECODE = 64; /* --quick: 140 and 4 */
 static int QUICK; /* --quick (compute-sanitizer): too few rows for the calibrated statistics */
 #define NBATCH  32
@@ -315,7 +315,7 @@ out:
 
 /*
  * --diag: localise a mismatch. For 0..n_layers layers (the walk stops early; the head runs on
- * the streams as they are) and prompts of 1, 5, 130 and 300 tokens, the prefill logits' error.
+ * the streams as they are) and prompts of 1, 5, 130 and 330 tokens, the prefill logits' error.
  */
 static void diag(struct dsv4_model *m, const char *label, const int32_t *prompt)
 {
@@ -424,7 +424,7 @@ static void batch_test(struct backend *gb, const char *label, const int32_t *pro
         rc ? ": " : "", rc ? err_msg() : "");
     if (rc)
         goto out;
-    /* fork the target (at 300 + 16: a partial block) and decode both with one token */
+    /* fork the target (at PROMPT + 16: a partial block) and decode both with one token */
     {
         int32_t t = argmax(lg, V);
         float *la = malloc(sizeof(float) * (size_t)V), *lb = malloc(sizeof(float) * (size_t)V);
