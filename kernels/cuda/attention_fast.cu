@@ -168,8 +168,8 @@ __global__ void __launch_bounds__(512)
 /* The inverse rotation (ex_rope_pair(.., 1)) of RoPE pair i at pos: (cos, -sin). */
 __device__ __forceinline__ float2 atc_rope_cs(const float *inv_freq, int i, long pos)
 {
-    const float ang = (float)pos * inv_freq[i];
-    return make_float2(ex_cosf(ang), -ex_sinf(ang));
+    const float2 cs = ex_rope_cs(inv_freq, i, pos);
+    return make_float2(cs.x, -cs.y);
 }
 
 /* One block per (row, head), a thread per pair of columns: merge the S partials (weights

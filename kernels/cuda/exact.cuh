@@ -384,14 +384,19 @@ __device__ __forceinline__ void ex_topk_select(const float *sc, int *rank, int n
     }
 }
 
+/* The cos and sin of pair i's RoPE angle pos * inv_freq[i], as cpu_rope makes them. */
+__device__ __forceinline__ float2 ex_rope_cs(const float *inv_freq, int i, long pos)
+{
+    const float ang = (float)pos * inv_freq[i];
+    return make_float2(ex_cosf(ang), ex_sinf(ang));
+}
+
 /* Rotate pair i of x (interleaved) by pos * inv_freq[i], as cpu_rope. */
 __device__ __forceinline__ void ex_rope_pair(float *x, int i, const float *inv_freq, long pos,
                                              int inverse)
 {
-    float ang = (float)pos * inv_freq[i];
-    float c = ex_cosf(ang), s = ex_sinf(ang);
-    if (inverse)
-        s = -s;
+    const float2 cs = ex_rope_cs(inv_freq, i, pos);
+    const float c = cs.x, s = inverse ? -cs.y : cs.y;
     float a = x[2 * i], b = x[2 * i + 1];
     x[2 * i] = a * c - b * s;
     x[2 * i + 1] = b * c + a * s;
@@ -549,10 +554,7 @@ __device__ __forceinline__ void blk_rmsnorm_w4(float *x, const float (&g)[4], bo
 __device__ __forceinline__ float2 blk_rope_cs(const float *inv_freq, int rope_dim, long pos)
 {
     const int i = threadIdx.x;
-    if (i >= rope_dim / 2)
-        return make_float2(1.0f, 0.0f);
-    const float ang = (float)pos * inv_freq[i];
-    return make_float2(ex_cosf(ang), ex_sinf(ang));
+    return i < rope_dim / 2 ? ex_rope_cs(inv_freq, i, pos) : make_float2(1.0f, 0.0f);
 }
 
 /* ex_block_rope(x, rope_dim, inv_freq, pos, 0) with the thread's rotation cs = blk_rope_cs(
