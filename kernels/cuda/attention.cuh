@@ -59,4 +59,16 @@ __device__ __forceinline__ struct att_row att_row_of(const struct kern_batch &b,
     return a;
 }
 
+/*
+ * attention_dec.cu: the decode kernel for steps of a few rows over FP8 entries at head size
+ * 512 (a cluster of two blocks per (row, head), no merge launch; writes o and, xb != NULL, its
+ * BF16 hi + lo rows). ERR_UNSUPPORTED where it does not apply (or DSV4_CUDA_ATTN=tc / simt): the caller
+ * takes the other kernels.
+ */
+int attn_dec(const struct kern_batch *b, const struct kern_cache *c,
+             const struct kern_layer_cache *l, const float *q, const float *kv, const int32_t *sel,
+             int topk, const float *sinks, int H, int hd, int W, int rope_dim,
+             const float *inv_freq, float *o, int nk_max, uint16_t *xb, int *xb_done,
+             cudaStream_t st);
+
 #endif

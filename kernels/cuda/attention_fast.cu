@@ -728,6 +728,12 @@ extern "C" int kern_sink_attention_fast(const struct kern_batch *b, const struct
     if ((l->ratio == 4 && !sel) || hd % 128 || hd > 32 * ATTF_MAXR || b->T > 0x7fffffff)
         return l->ratio == 4 && !sel ? ERR_INVAL : ERR_UNSUPPORTED;
     const int nk_max = W + (l->ratio == 4 ? topk : (l->ratio ? b->max_pos / l->ratio : 0));
+    {
+        const int rc = attn_dec(b, c, l, q, kv, sel, topk, sinks, H, hd, W, rope_dim, inv_freq, o,
+                                nk_max, xb, xb_done, st);
+        if (rc != ERR_UNSUPPORTED)
+            return rc;
+    }
     if (atc_enabled() && hd == ATC_HD && rope_dim <= hd / 4 && rope_dim % 2 == 0) {
         int rc = attention_tc(b, c, l, q, kv, sel, topk, sinks, H, W, rope_dim, inv_freq, o, ws,
                               nk_max, xb, xb_done, st);

@@ -4,7 +4,7 @@
 # Here:  sh tests/gpu/run_engine_device.sh --pack   (builds build-cuda, packs build-cuda/carry:
 #        the test binary + the shared libraries it needs that the GPU machine may lack)
 # There: sh tests/gpu/run_engine_device.sh [OUTDIR] (with build-cuda/carry carried)
-# Runs the tests (the attention test on both kernels), the per-layer diagnosis when something
+# Runs the tests (the attention test on each of its three kernels), the per-layer diagnosis when something
 # fails, and compute-sanitizer memcheck on the --quick case. Logs under OUTDIR.
 D=build-cuda/carry
 if [ "$1" = --pack ]; then
@@ -29,11 +29,11 @@ mkdir -p "$O"
 # cuBLAS comes from the machine's CUDA toolkit (too large to carry)
 export LD_LIBRARY_PATH="$PWD/$D:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 nvidia-smi -L
-for t in test_attention_gpu "DSV4_CUDA_ATTN=simt test_attention_gpu" test_linear_gpu test_gpu_engine \
-    "test_moe_gpu --small"; do
+for t in test_attention_gpu "DSV4_CUDA_ATTN=tc test_attention_gpu" \
+    "DSV4_CUDA_ATTN=simt test_attention_gpu" test_linear_gpu test_gpu_engine "test_moe_gpu --small"; do
     f=$(echo "$t" | tr -d ' -=')
     case "$t" in
-    DSV4_CUDA_ATTN=simt*) DSV4_CUDA_ATTN=simt timeout 300 $D/${t#* } > "$O/$f.tap" 2>&1 ;;
+    DSV4_CUDA_ATTN=*) a=${t%% *}; DSV4_CUDA_ATTN=${a#*=} timeout 300 $D/${t#* } > "$O/$f.tap" 2>&1 ;;
     *) timeout 300 $D/$t > "$O/$f.tap" 2>&1 ;;
     esac
     echo "$t rc=$?"

@@ -1,6 +1,8 @@
 /*
  * test_attention_gpu.c - the fast path's sink attention (kern_sink_attention_fast: at head size
- * 512 the tensor-core kernel, with DSV4_CUDA_ATTN=simt the CUDA-core one) against the exact
+ * 512 the decode kernel for FP8 steps of at most one row per multiprocessor and head, else the
+ * tensor-core kernel; with DSV4_CUDA_ATTN=tc always the tensor-core kernel, with
+ * DSV4_CUDA_ATTN=simt always the CUDA-core one) against the exact
  * kernel (kern_sink_attention, the CPU's twin: bit-identical to the CPU in test_gpu_engine) on
  * the same random cache, batch and queries (TAP, suite 'gpu').
  *
@@ -8,8 +10,9 @@
  * window 128; SWA, CSA (ratio 4, top-512 selection) and HCA (ratio 128); FP32 and FP8 cache
  * entries; a step of decode rows of random positions (up to 4000) plus one prefill chunk (its
  * window keys partly this step's latents); with the workspace (key splits on short steps) and
- * without; a lone decode row past the window (the batch-1 step: splits, and the merge must
- * also write o's BF16 hi + lo rows, checked bit for bit against the host's conversion of o).
+ * without; a lone decode row past the window and two decode rows (the batch-1 and batch-2
+ * steps: the decode kernel, or splits whose merge must also write o's BF16 hi + lo rows,
+ * checked bit for bit against the host's conversion of o).
  * Fresh random data per run (seed printed), outputs poisoned with NaN before each run.
  *
  * Bound: per (row, head) ||o_fast - o_exact|| / ||o_exact|| <= 1e-4. Both sum in FP32 in
@@ -112,9 +115,9 @@ static double run_case(int H, int ratio, int fp8, int ndec, int nchunk, int use_
     /* sequences: decode rows at random positions, then the chunk */
     for (int s = 0; s < nseq; s++) {
         const int n = s < ndec ? 1 : nchunk;
-        /* (a lone decode row past the window: its keys always split) */
+        /* (one or two decode rows past the window) */
         const int pos0 =
-            (int)(rnd() % (s < ndec ? 4000 : 1200)) + (s < ndec ? (T == 1 ? WIN + 72 : 0) : 100);
+            (int)(rnd() % (s < ndec ? 4000 : 1200)) + (s < ndec ? (T <= 2 ? WIN + 72 : 0) : 100);
         seq_row0[s] = s < ndec ? s : ndec;
         seq_n[s] = n;
         seq_slot[s] = s;
@@ -260,19 +263,23 @@ int main(void)
         printf("1..0 # SKIP no CUDA device\n");
         return 0;
     }
-    const char *simt = getenv("DSV4_CUDA_ATTN");
+    const char *ak = getenv("DSV4_CUDA_ATTN");
     rs = (uint64_t)time(NULL);
     printf("# seed %llu, kernel: %s\n", (unsigned long long)rs,
-           simt && !strcmp(simt, "simt") ? "CUDA cores (DSV4_CUDA_ATTN=simt)" : "tensor cores");
+           ak && !strcmp(ak, "simt") ? "CUDA cores (DSV4_CUDA_ATTN=simt)"
+           : ak && !strcmp(ak, "tc") ? "tensor cores (DSV4_CUDA_ATTN=tc)"
+                                     : "decode kernel at few rows (FP8), else tensor cores");
     static const int heads[] = {64, 4}, ratios[] = {0, 4, 128};
     for (int hi = 0; hi < 2; hi++)
         for (int ri = 0; ri < 3; ri++)
             for (int fp8 = 0; fp8 <= 1; fp8++)
-                for (int step = 0; step < 4; step++) {
+                for (int step = 0; step < 6; step++) {
                     /* 3 decode rows + a 37-row chunk with splits; 24 decode rows without the
-                     * workspace; 200 decode rows (long step: no splits); 1 decode row (splits) */
-                    const int ndec = step == 0 ? 3 : (step == 1 ? 24 : (step == 2 ? 200 : 1));
-                    const int nchunk = step == 0 ? 37 : 0, use_ws = step != 1;
+                     * workspace; 200 decode rows (long step: no splits); 1 and 2 decode rows
+                     * and a 2-row chunk (splits, or the decode kernel) */
+                    static const int ndecs[] = {3, 24, 200, 1, 2, 0},
+                                     nchunks[] = {37, 0, 0, 0, 0, 2};
+                    const int ndec = ndecs[step], nchunk = nchunks[step], use_ws = step != 1;
                     int nonfinite = 0, xb_bad;
                     const double e = run_case(heads[hi], ratios[ri], fp8, ndec, nchunk, use_ws,
                                               &nonfinite, &xb_bad);
@@ -283,9 +290,9 @@ int main(void)
                              heads[hi], ratios[ri], fp8 ? "FP8" : "FP32", ndec, nchunk,
                              use_ws ? ", splits" : "", e, nonfinite,
                              xb_bad < 0 ? "not made" : "made, differing", xb_bad);
-                    /* the lone row's split merge must also write them */
+                    /* the one and two rows' kernels must also write them */
                     tap(e >= 0 && e <= 1e-4 && nonfinite == 0 &&
-                            (xb_bad == 0 || (xb_bad < 0 && step != 3)),
+                            (xb_bad == 0 || (xb_bad < 0 && step < 3)),
                         "%s", msg);
                 }
     printf("1..%d\n", n_test);
