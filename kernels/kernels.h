@@ -389,9 +389,11 @@ int kern_sink_attention(const struct kern_batch *b, const struct kern_cache *c,
  * short steps split the keys over blocks (ws: kern_attention_fast_ws_floats(H, hd) floats, or
  * NULL: no split); FP32 summation order differs, and at hd 512 the products run on the tensor
  * cores as BF16 hi + lo splits (~16 significant bits each; DSV4_CUDA_ATTN=simt: CUDA cores).
- * hd % 128 == 0, hd <= 512. xb (NULL: none; else 2T rows of H hd BF16): where the splits'
- * merge runs, it also writes o there as kern_act_bf16 (split, unpermuted) would, and sets
- * *xb_done (else 0; xb_done may be NULL). */
+ * Where two blocks per (row, head) fit one wave (batch 1 at 64 heads) over FP8 entries at hd
+ * 512, the decode kernel (attention_dec.cu: FP32 on the CUDA cores, no splits) runs instead
+ * (DSV4_CUDA_ATTN=tc: not). hd % 128 == 0, hd <= 512. xb (NULL: none; else 2T rows of H hd
+ * BF16): where the splits' merge or the decode kernel runs, it also writes o there as
+ * kern_act_bf16 (split, unpermuted) would, and sets *xb_done (else 0; xb_done may be NULL). */
 size_t kern_attention_fast_ws_floats(int H, int hd);
 int kern_sink_attention_fast(const struct kern_batch *b, const struct kern_cache *c,
                              const struct kern_layer_cache *l, const float *q, const float *kv,
