@@ -4,8 +4,8 @@
 # Here:  sh tests/gpu/run_engine_device.sh --pack   (builds build-cuda, packs build-cuda/carry:
 #        the test binary + the shared libraries it needs that the GPU machine may lack)
 # There: sh tests/gpu/run_engine_device.sh [OUTDIR] (with build-cuda/carry carried)
-# Runs the tests (the attention test on each of its three kernels), the per-layer diagnosis when something
-# fails, and compute-sanitizer memcheck on the --quick case. Logs under OUTDIR.
+# Runs the tests (the attention test on each of its three kernels), the per-layer diagnosis
+# when something fails, and compute-sanitizer memcheck on the --quick case. Logs under OUTDIR.
 D=build-cuda/carry
 if [ "$1" = --pack ]; then
     set -e

@@ -1,7 +1,7 @@
 /*
  * test_attention_gpu.c - the fast path's sink attention (kern_sink_attention_fast: at head size
- * 512 the decode kernel for FP8 steps of at most one row per multiprocessor and head, else the
- * tensor-core kernel; with DSV4_CUDA_ATTN=tc always the tensor-core kernel, with
+ * 512 the decode kernel over FP8 entries where two blocks per (row, head) fit one wave, else
+ * the tensor-core kernel; with DSV4_CUDA_ATTN=tc always the tensor-core kernel, with
  * DSV4_CUDA_ATTN=simt always the CUDA-core one) against the exact
  * kernel (kern_sink_attention, the CPU's twin: bit-identical to the CPU in test_gpu_engine) on
  * the same random cache, batch and queries (TAP, suite 'gpu').
