@@ -188,11 +188,13 @@ struct cuda_impl {
     size_t smem_bytes, moe_ws_bytes;
     int T_cap, ld_cap;
     struct scratch s;
-    float *logits_d;        /* (n_slots, V) owned */
-    float *logits_split;    /* (2 n_slots, V) hi/lo head results (fast path), owned */
-    float *out_h;           /* (n_slots, V) pinned host: the logits of graph steps, owned */
-    int32_t *tok_d, *tok_h; /* (n_slots) picked tokens: device, pinned host; owned */
-    int graphs;             /* decode steps replay CUDA graphs (DSV4_CUDA_GRAPHS=0: off) */
+    float *logits_d;            /* (n_slots, V) owned */
+    float *logits_split;        /* (2 n_slots, V) hi/lo head results (fast path), owned */
+    float *out_h;               /* (n_slots, V) pinned host: the logits of graph steps, owned */
+    int32_t *tok_d, *tok_h;     /* (n_slots) picked tokens: device, pinned host; owned */
+    unsigned long long *best_d; /* (n_slots) argmax keys from the head (kern_gemv_bf16_argmax), 0
+                                 * between steps; owned */
+    int graphs;                 /* decode steps replay CUDA graphs (DSV4_CUDA_GRAPHS=0: off) */
     struct cuda_graph graph[CUDA_MAX_GRAPHS];
     int n_graphs;
     /* what s->xb holds (act_to_xb): source, rows, columns, round trip, split, permuted */
@@ -958,6 +960,12 @@ static int hc_post(struct cuda_impl *ci, int T)
     return rc;
 }
 
+/* 1 when lin_grouped runs W (ungrouped) for T rows on the CUDA cores (kern_gemv_bf16) */
+static int gemv_rows(const struct cuda_impl *ci, const struct dev_lin *W, int T)
+{
+    return !ci->exact && W->q.fmt == KERN_W_BF16 && T <= ci->gemv_rows && T <= KERN_GEMV_MAX_T;
+}
+
 /* The activations of a linear: as computed, a linear_q's FP8 round trip to apply first, or
  * already FP8-rounded (by kern_swiglu). The round trips happen only in model numerics. */
 enum { ACT_F32 = 0, ACT_QUANT = 1, ACT_QUANTIZED = 2 };
@@ -1034,8 +1042,7 @@ static int lin_grouped(struct cuda_impl *ci, const struct dev_lin *W, const floa
             xb_made(ci, y, T, rows, 1, 0, 0);
         return 0;
     }
-    if (!ci->exact && W->q.fmt == KERN_W_BF16 && !grp_rows && T <= ci->gemv_rows &&
-        T <= KERN_GEMV_MAX_T) {
+    if (!grp_rows && gemv_rows(ci, W, T)) {
         /* a row or two (the head at decode): x as is on the CUDA cores, one launch (no hi + lo
          * rows, no split GEMM, no sum); H100: the head read at 3.2 TB/s, through cuBLAS 2.8 */
         const struct kern_gemv_mat m = {W->q.w, rows, y, ldy};
@@ -1150,7 +1157,8 @@ static int attention_sublayer(struct cuda_impl *ci, int li, const struct kern_ba
     /* The compressor branch: the compressor and indexer projections of x as is, then the
      * compressors (their entries land in the blocks). With the side stream and a fused
      * projection it runs there, beside the q/kv projections, and joins before attn_prep
-     * (which reads wi: EV_WI) and before the indexer / attention (EV_COMP). */
+     * (which reads wi: EV_WI) and before the indexer / attention (EV_COMP; at decode both
+     * before attn_prep). */
     struct CUstream_st *cst = st;
     {
         const struct dev_lin *W[5];
@@ -1200,16 +1208,19 @@ static int attention_sublayer(struct cuda_impl *ci, int li, const struct kern_ba
     else
         TRY(lin(ci, &L->wq_b, s->qlat, T, ACT_QUANT, s->qlat_q, s->q));
     prof_mark(ci, PR_PROJ);
-    if (cst != st)
-        TRY(kern_stream_wait(st, ci->ev[EV_WI]));
     /* one row per sequence (decode): the window entries are written here, not after the
-     * attention (the attention reads a row's own latent from s->kv) */
+     * attention (the attention reads a row's own latent from s->kv). The compressors of such a
+     * step are short and done by now: joined before attn_prep, so that the attention stays
+     * attn_prep's programmatic dependent (joined right before it, the attention lost its early
+     * launch: batch 1, HCA layers, the attention's adv 10.6 -> 8.8 us) */
     const int win_early = b->max_n == 1;
+    if (cst != st)
+        TRY(kern_stream_wait(st, ci->ev[win_early ? EV_COMP : EV_WI]));
     TRY(kern_attn_prep(s->q, s->kv, s->qi, s->wi, b, H, hd, L->kv_norm, csa ? Hi : 0, Di, r, inv,
                        eps, ci->quant, !ci->exact, win_early ? &ci->cache : NULL, &L->cache,
                        c->sliding_window, st));
     prof_mark(ci, PR_PREP);
-    if (cst != st)
+    if (cst != st && !win_early)
         TRY(kern_stream_wait(st, ci->ev[EV_COMP]));
     if (csa) {
         TRY((ci->exact ? kern_indexer_topk
@@ -1367,10 +1378,19 @@ static int enqueue_step(struct cuda_impl *ci, const struct kern_batch *b, size_t
                                   ci->hc_head.scale, (float)c->hc_eps, (float)c->rms_norm_eps,
                                   ci->norm, s->X2, s->mix, s->y, ci->stream));
         clear_xb(ci);
-        TRY(lin(ci, &ci->head, s->y, nsel, ACT_F32, NULL, ci->logits_d));
+        /* a row or two with picks: the head's launch also leaves each row's argmax (greedy
+         * rows then read one word, not V logits) */
+        const int keys = picks && gemv_rows(ci, &ci->head, nsel);
+        if (keys) {
+            const struct dev_lin *W = &ci->head;
+            const struct kern_gemv_mat m = {W->q.w, W->q.rows, ci->logits_d, W->q.rows};
+            TRY(kern_gemv_bf16_argmax(&m, s->y, W->q.cols, W->q.cols, nsel, ci->best_d,
+                                      ci->stream));
+        } else
+            TRY(lin(ci, &ci->head, s->y, nsel, ACT_F32, NULL, ci->logits_d));
         if (picks) {
             TRY(kern_sample_rows(ci->logits_d, nsel, c->vocab_size, picks, ci->logits_split,
-                                 ci->tok_d, ci->stream));
+                                 keys ? ci->best_d : NULL, ci->tok_d, ci->stream));
             TRY(kern_d2h_async(ci->tok_h, ci->tok_d, sizeof(int32_t) * (size_t)nsel, ci->stream));
         }
         if (out)
@@ -1659,6 +1679,7 @@ static void cuda_destroy(struct backend *bk)
         kern_host_free(ci->out_h);
         kern_host_free(ci->tok_h);
         kern_free(ci->tok_d);
+        kern_free(ci->best_d);
         graphs_clear(ci);
         kern_blas_free(ci->blas);
         kern_free(ci->blas_ws);
@@ -1921,7 +1942,9 @@ int backend_cuda_new_opts(struct backend **out, struct dsv4_model *m,
         (rc = kern_malloc((void **)&ci->logits_split, 2 * F * (size_t)n_slots * V)) ||
         (rc = kern_host_alloc((void **)&ci->out_h, F * (size_t)n_slots * V)) ||
         (rc = kern_host_alloc((void **)&ci->tok_h, sizeof(int32_t) * (size_t)n_slots)) ||
-        (rc = kern_malloc((void **)&ci->tok_d, sizeof(int32_t) * (size_t)n_slots))) {
+        (rc = kern_malloc((void **)&ci->tok_d, sizeof(int32_t) * (size_t)n_slots)) ||
+        (rc = kern_malloc((void **)&ci->best_d, sizeof(*ci->best_d) * (size_t)n_slots)) ||
+        (rc = kern_memset(ci->best_d, 0, sizeof(*ci->best_d) * (size_t)n_slots))) {
         rc = err_setf(ERR_CUDA, "cuda backend: cannot allocate the logits rows: %s",
                       kern_last_error());
         goto fail;

@@ -478,6 +478,12 @@ struct kern_gemv_mat {
  * FMAs in an order that depends only on (r, c). ERR_UNSUPPORTED outside these limits. */
 int kern_gemv_bf16(const struct kern_gemv_mat *m, int n, const float *x, int ldx, int cols, int T,
                    struct CUstream_st *stream);
+/* kern_gemv_bf16 of one matrix (the head at decode) that also folds each row t's largest output
+ * into best[t] (T keys; the lowest row of equal outputs; NaN never), for kern_sample_rows to
+ * pick greedy rows from without reading the logits: best[t] must be 0 before the launch, and
+ * kern_sample_rows resets it to 0. */
+int kern_gemv_bf16_argmax(const struct kern_gemv_mat *m, const float *x, int ldx, int cols, int T,
+                          unsigned long long *best, struct CUstream_st *stream);
 /* -- mhc_fast.cu: kern_hc_pre / kern_hc_head of the fast path: the projection as a
  * deterministic split-K over many blocks, block-wide reductions (FP32 rounding differs from
  * the exact kernels, not between row counts). ws: kern_hc_fast_ws_floats(T, n_hc) floats;
@@ -514,9 +520,11 @@ struct kern_pick {
     int32_t top_k;
 };
 /* out[i] = the token picked from logits row i (n rows of V) under picks[i] (device array);
- * pbuf: (n, V) floats workspace. */
+ * pbuf: (n, V) floats workspace. keys: NULL, or (n) keys of kern_gemv_bf16_argmax: greedy rows
+ * take the argmax from there (a row's logits are read only where its key is 0), and every
+ * row's key is reset to 0. */
 int kern_sample_rows(const float *logits, int n, int V, const struct kern_pick *picks, float *pbuf,
-                     int32_t *out, struct CUstream_st *stream);
+                     unsigned long long *keys, int32_t *out, struct CUstream_st *stream);
 
 /* -- engine_rt.cu: streams, pinned host memory, asynchronous copies -- */
 int kern_stream_new(struct CUstream_st **out);

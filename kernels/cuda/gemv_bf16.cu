@@ -6,9 +6,10 @@
  * Why not cuBLAS there: at 1-16 rows the cuBLAS route (x split into BF16 hi + lo rows, a
  * split-K GEMM, its reduction kernel, the hi + lo add) is four launches per matrix of a few
  * microseconds each for 0.5-8 MB of weights (H200, 8-layer Flash model, batch 1, ncu: ~0.23 ms
- * of kernel time per 2.0 ms step; this kernel: ~0.05 ms). Here x stays FP32 (no hi + lo split): each product W[r][c] x[t][c]
- * enters an FP32 FMA unrounded, the sums are FP32 in an order fixed by (r, c) alone, so a row's
- * result does not depend on T or on the other matrices of the launch (batch invariance).
+ * of kernel time per 2.0 ms step; this kernel: ~0.05 ms). Here x stays FP32 (no hi + lo split):
+ * each product W[r][c] x[t][c] enters an FP32 FMA unrounded, the sums are FP32 in an order fixed by
+ * (r, c) alone, so a row's result does not depend on T or on the other matrices of the launch
+ * (batch invariance).
  *
  * Work split: a block = GV_ROWS weight rows x TT token rows (TT = 1, 2, 4 or 8 by T: fewer
  * registers for fewer rows, 62 at 1 for four blocks per SM, 128 at 8 for two; blockIdx.y: the
@@ -35,7 +36,19 @@ struct gv_args {
     int n;
     const float *x; /* (T, ldx) */
     int ldx, cols, T;
+    unsigned long long *best; /* NULL, or (T) argmax keys (kern_gemv_bf16_argmax; one matrix) */
 };
+
+/* The argmax key of output v of row id: larger keys for larger values, for equal values the
+ * lower id; -0 as +0; NaN 0 (never picked, "no key"). */
+__device__ __forceinline__ unsigned long long gv_key(float v, int id)
+{
+    if (v != v)
+        return 0ull;
+    uint32_t u = v == 0.0f ? 0u : __float_as_uint(v);
+    u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    return ((unsigned long long)u << 32) | (0xffffffffu - (uint32_t)id);
+}
 
 /* sum_k w[k] x[k] over the 8 BF16 weights of v and the 8 floats x0, x1 (in k order) */
 __device__ __forceinline__ float gv_dot8(const uint4 &v, const float4 &x0, const float4 &x1,
@@ -111,20 +124,32 @@ __global__ void __launch_bounds__(GV_THREADS, GV_TT <= 2 ? 4 : 2) gemv_bf16_k(co
                 red[warp][r * GV_TT + t] = v;
         }
     __syncthreads();
-    if (threadIdx.x < GV_ROWS * GV_TT) {
-        const int r = threadIdx.x / GV_TT, t = threadIdx.x % GV_TT;
-        if (r < nr && t < nt) {
-            float v = red[0][threadIdx.x];
+    if (warp == 0) { /* lane = r * GV_TT + t */
+        const int r = lane / GV_TT, t = lane % GV_TT;
+        const bool mine = lane < GV_ROWS * GV_TT && r < nr && t < nt;
+        float v = 0.0f;
+        if (mine) {
+            v = red[0][lane];
 #pragma unroll
             for (int k = 1; k < GV_WARPS; k++)
-                v += red[k][threadIdx.x];
+                v += red[k][lane];
             a.y[i][(size_t)(t0 + t) * a.ldy[i] + r0 + r] = v;
+        }
+        if (a.best) { /* the block's best row per t, then one atomic where it may win */
+            unsigned long long k = mine ? gv_key(v, r0 + r) : 0ull;
+#pragma unroll
+            for (int o = GV_TT; o < GV_ROWS * GV_TT; o <<= 1) {
+                const unsigned long long ko = __shfl_xor_sync(0xffffffffu, k, o);
+                k = ko > k ? ko : k;
+            }
+            if (lane < GV_TT && t < nt && k > *(volatile unsigned long long *)(a.best + t0 + t))
+                atomicMax(a.best + t0 + t, k);
         }
     }
 }
 
-extern "C" int kern_gemv_bf16(const struct kern_gemv_mat *m, int n, const float *x, int ldx,
-                              int cols, int T, struct CUstream_st *stream)
+static int gemv_run(const struct kern_gemv_mat *m, int n, const float *x, int ldx, int cols, int T,
+                    unsigned long long *best, struct CUstream_st *stream)
 {
     if (T <= 0 || n <= 0)
         return 0;
@@ -137,6 +162,7 @@ extern "C" int kern_gemv_bf16(const struct kern_gemv_mat *m, int n, const float 
     a.ldx = ldx;
     a.cols = cols;
     a.T = T;
+    a.best = best;
     for (int i = 0; i < n; i++) {
         if (m[i].rows <= 0 || m[i].ldy < m[i].rows || ((uintptr_t)m[i].w & 15))
             return ERR_UNSUPPORTED;
@@ -156,4 +182,17 @@ extern "C" int kern_gemv_bf16(const struct kern_gemv_mat *m, int n, const float 
         return ERR_CUDA;
     KERN_LAUNCH_CHECK();
     return 0;
+}
+
+extern "C" int kern_gemv_bf16(const struct kern_gemv_mat *m, int n, const float *x, int ldx,
+                              int cols, int T, struct CUstream_st *stream)
+{
+    return gemv_run(m, n, x, ldx, cols, T, NULL, stream);
+}
+
+extern "C" int kern_gemv_bf16_argmax(const struct kern_gemv_mat *m, const float *x, int ldx,
+                                     int cols, int T, unsigned long long *best,
+                                     struct CUstream_st *stream)
+{
+    return best ? gemv_run(m, 1, x, ldx, cols, T, best, stream) : ERR_INVAL;
 }

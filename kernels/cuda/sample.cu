@@ -7,6 +7,10 @@
  * (the host walks them in probability order when it sorted): the same distribution, another
  * token for the same u.
  *
+ * Greedy rows whose head ran as kern_gemv_bf16_argmax (decode steps of a row or two) take the
+ * argmax key that launch left: one word read instead of the row's V logits (a 129280-entry row
+ * kept the one block ~7 us).
+ *
  * One 1024-thread block per row. The k-th largest probability and the top-p cut are found by
  * bisection over the bit patterns of the (positive) probabilities; ties at a cut are ranked by
  * id with a block-wide scan over contiguous chunks.
@@ -117,10 +121,11 @@ __device__ __forceinline__ void smp_cut(float *p, int V, uint32_t key, int ties,
 __global__ void __launch_bounds__(SMP_THREADS)
     sample_rows_k(const float *__restrict__ logits, int V,
                   const struct kern_pick *__restrict__ picks, float *__restrict__ pbuf,
-                  int32_t *__restrict__ out)
+                  unsigned long long *__restrict__ keys, int32_t *__restrict__ out)
 {
     kern__pdl_wait();
     kern__pdl_launch();
+    __shared__ unsigned long long key;
     __shared__ float smf[SMP_WARPS];
     __shared__ double smd[SMP_WARPS];
     __shared__ int smi[SMP_WARPS];
@@ -128,7 +133,19 @@ __global__ void __launch_bounds__(SMP_THREADS)
     const float *l = logits + (size_t)row * V;
     float *p = pbuf + (size_t)row * V; /* probabilities (unnormalised, max 1); 0: not a candidate */
     const struct kern_pick P = picks[row];
+    if (keys) { /* kern_gemv_bf16_argmax's key, read and reset */
+        if (threadIdx.x == 0) {
+            key = keys[row];
+            keys[row] = 0ull;
+        }
+        __syncthreads();
+    }
     if (!(P.temperature > 0.0f)) { /* greedy */
+        if (keys && key) {
+            if (threadIdx.x == 0)
+                out[row] = (int32_t)(0xffffffffu - (uint32_t)key);
+            return;
+        }
         float bv = -INFINITY;
         int bi = 0x7fffffff;
         if ((V & 3) == 0 && ((uintptr_t)l & 15) == 0) {
@@ -297,11 +314,12 @@ __global__ void __launch_bounds__(SMP_THREADS)
 }
 
 extern "C" int kern_sample_rows(const float *logits, int n, int V, const struct kern_pick *picks,
-                                float *pbuf, int32_t *out, cudaStream_t st)
+                                float *pbuf, unsigned long long *keys, int32_t *out,
+                                cudaStream_t st)
 {
     if (n <= 0)
         return 0;
-    if (kern__launch(sample_rows_k, n, SMP_THREADS, 0, st, 1, logits, V, picks, pbuf, out))
+    if (kern__launch(sample_rows_k, n, SMP_THREADS, 0, st, 1, logits, V, picks, pbuf, keys, out))
         return ERR_CUDA;
     KERN_LAUNCH_CHECK();
     return 0;

@@ -19,9 +19,9 @@ static inline uint32_t rnd(void)
     return (uint32_t)(rs >> 33);
 }
 
-static inline float frand(void) /* [-1, 1) */
+static inline float frand(void) /* [-1, 1): rnd() has 31 bits */
 {
-    return (float)rnd() / 2147483648.0f - 1.0f;
+    return (float)rnd() / 1073741824.0f - 1.0f;
 }
 
 /* One TAP line, "ok N - ..." or "not ok N - ...", flushed (a crash keeps what came before). */

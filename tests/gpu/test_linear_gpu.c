@@ -644,6 +644,72 @@ static void test_rmsnorm_xb(int n, int T)
     free(h), free(hxb);
 }
 
+/*
+ * kern_gemv_bf16_argmax + kern_sample_rows on its keys (the head of a decode step of T rows,
+ * greedy): each pick must be the argmax of the logits the same launch wrote (ties to the lower
+ * id: row a is planted as the clear maximum of x's row 0, with two copies at higher ids), the
+ * keys must be 0 again after the sampler, and a second step with new x (keys not cleared by
+ * the test) must pick right again.
+ */
+static void test_gemv_argmax(int rows, int cols, int T)
+{
+    uint16_t *w = malloc(2 * (size_t)rows * cols);
+    float *x = malloc(sizeof(float) * (size_t)T * cols),
+          *y = malloc(sizeof(float) * (size_t)T * rows);
+    struct kern_pick P[2] = {{0}};
+    int32_t out[2];
+    unsigned long long best[2];
+    void *dw = NULL, *dx = NULL, *dy = NULL, *dbest = NULL, *dp = NULL, *dpbuf = NULL, *dout = NULL;
+    const int a = (int)(rnd() % (unsigned)(rows / 3)),
+              b = a + 1 + (int)(rnd() % (unsigned)(rows / 3)), c = rows - 1 - (int)(rnd() % 3u);
+    int rc = !w || !x || !y || T > 2;
+    for (size_t k = 0; !rc && k < (size_t)rows * cols; k++)
+        w[k] = bf16_of(frand() / 64);
+    rc = rc || kern_malloc(&dw, 2 * (size_t)rows * cols) ||
+         kern_malloc(&dx, sizeof(float) * (size_t)T * cols) ||
+         kern_malloc(&dy, sizeof(float) * (size_t)T * rows) || kern_malloc(&dbest, sizeof best) ||
+         kern_malloc(&dp, sizeof P) || kern_malloc(&dpbuf, sizeof(float) * (size_t)T * rows) ||
+         kern_malloc(&dout, sizeof out) || kern_memset(dbest, 0, sizeof best) ||
+         kern_h2d(dp, P, sizeof P);
+    int bad = 0, planted = 1, reset = 1;
+    for (int round = 0; round < 2 && !rc; round++) {
+        make_x(x, T, cols, 0);
+        for (int k = 0; k < cols; k++) { /* row a: the clear maximum for x's row 0; b, c copies */
+            w[(size_t)a * cols + k] = bf16_of(x[k] >= 0 ? 0.05f : -0.05f);
+            w[(size_t)b * cols + k] = w[(size_t)c * cols + k] = w[(size_t)a * cols + k];
+        }
+        const struct kern_gemv_mat m = {dw, rows, dy, rows};
+        rc = kern_h2d(dw, w, 2 * (size_t)rows * cols) ||
+             kern_h2d(dx, x, sizeof(float) * (size_t)T * cols) ||
+             kern_memset(dy, 0xff, sizeof(float) * (size_t)T * rows) ||
+             kern_memset(dout, 0xff, sizeof out) ||
+             kern_gemv_bf16_argmax(&m, dx, cols, cols, T, dbest, NULL) ||
+             kern_sample_rows(dy, T, rows, dp, dpbuf, dbest, dout, NULL) || kern_sync() ||
+             kern_d2h(out, dout, sizeof(int32_t) * (size_t)T) ||
+             kern_d2h(y, dy, sizeof(float) * (size_t)T * rows) ||
+             kern_d2h(best, dbest, sizeof best);
+        for (int t = 0; t < T && !rc; t++) {
+            const float *yt = y + (size_t)t * rows;
+            int bi = 0;
+            for (int r = 1; r < rows; r++)
+                bi = yt[r] > yt[bi] ? r : bi;
+            bad += out[t] != bi;
+            planted &= t > 0 || bi == a;
+            reset &= best[t] == 0;
+            if (out[t] != bi)
+                printf("# gemv argmax round %d row %d: picked %d, argmax %d\n", round, t, out[t],
+                       bi);
+        }
+    }
+    tap(!rc && !bad && planted && reset,
+        "bf16 gemv + argmax keys (%d x %d, T=%d, two steps): greedy picks the logits' argmax "
+        "(%d wrong), ties to the lowest id (%s), keys reset (%s)%s",
+        rows, cols, T, bad, planted ? "yes" : "no", reset ? "yes" : "no", rc ? ": CUDA error" : "");
+    kern_free(dw), kern_free(dx), kern_free(dy), kern_free(dbest), kern_free(dp), kern_free(dpbuf);
+    kern_free(dout);
+    free(w), free(x), free(y);
+}
+
 /* ---- device sampling (kern_sample_rows) against engine/sampler.c's rules ---- */
 
 static const float *smp_key; /* qsort context: probabilities */
@@ -728,7 +794,7 @@ static void test_sample(int V, int rows, int ties)
              kern_h2d(dl, l, sizeof(float) * (size_t)V * rows) ||
              kern_h2d(dp, P, sizeof *P * (size_t)rows) ||
              kern_memset(dout, 0xff, sizeof(int32_t) * (size_t)rows) ||
-             kern_sample_rows(dl, rows, V, dp, dw, dout, NULL) || kern_sync() ||
+             kern_sample_rows(dl, rows, V, dp, dw, NULL, dout, NULL) || kern_sync() ||
              kern_d2h(out, dout, sizeof(int32_t) * (size_t)rows);
     int bad = 0;
     double worst = 0;
@@ -815,6 +881,9 @@ int main(int argc, char **argv)
         test_gemv(4096, 16);
         test_gemv(520, 5);
         test_gemv(520, 11);
+        test_gemv_argmax(20011, 4096, 1);
+        test_gemv_argmax(20011, 4096, 2);
+        test_gemv_argmax(129280, 520, 1); /* the head's rows (Flash vocabulary) */
     }
     if (WANT("split")) {
         test_add_split_xb(8192, 1); /* wo_a's output, wo_b's input */
