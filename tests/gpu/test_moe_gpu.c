@@ -13,7 +13,10 @@
  *     ||out - ref|| / ||ref|| <= 1e-2 over sampled rows (all rows when T <= 16), ref in FP64 on
  *     the exactly dequantised weights (BF16 activations imply ~2^-8 relative per element; the
  *     norm error lands near 2e-3); for T <= 2 also against the reference that rounds x and h
- *     to BF16 like the kernel, bound 1e-3.
+ *     to BF16 like the kernel, bound 1e-3;
+ *   - hash modes, T = 1: a padding token (id -1, id vocab) through kern_moe_forward_parts on a
+ *     poisoned workspace (slot outputs NaN, slot ids 0) + kern_moe_sum_rows, bit-identical to
+ *     route + experts and finite (the padding slots are marked and skipped).
  * Without a GPU: "1..0 # SKIP no CUDA device". Flags: --quick (Flash, T <= 64),
  * --small (d 256, I 256, E 128, T up to 4096: the compute-sanitizer case).
  */
@@ -280,6 +283,33 @@ static int run_case(struct fx_layer *f, struct bufs *b, enum fx_route mode, int 
         double rel = den > 0 ? sqrt(num / den) : sqrt(num);
         tap(rel <= 1e-2 && isfinite(rel), "%s %s T=%d routed only: rel err %.3e (|ref| %.3g)",
             shape, mode_name[mode], T, rel, sqrt(den / nr / d));
+    }
+    /* one padding token of a hash layer (id < 0, id >= vocab): no expert. The forward must
+     * mark its slots (ids -1) for the sum: the workspace is poisoned first (slot outputs NaN,
+     * ids 0, a valid expert), so a slot it failed to mark would add NaN. */
+    for (int bad = 0; hash && T == 1 && bad < 2; bad++) {
+        const int32_t tk = bad ? (int32_t)f->vocab : -1;
+        struct kern_moe_sum sum;
+        if ((rc = kern_h2d(b->tok, &tk, sizeof tk)) ||
+            (rc = kern_moe_route(&f->L, b->x, b->tok, T, b->idx, b->w, b->ws, b->ws_bytes, NULL)) ||
+            (rc = kern_memset(b->out, 0xff, sizeof(float) * (size_t)d)) ||
+            (rc = kern_moe_experts(&f->L, b->x, b->idx, b->w, T, b->out, b->ws, b->ws_bytes,
+                                   NULL)) ||
+            (rc = kern_moe_forward_parts(&f->L, b->x, b->tok, T, &sum, b->ws, b->ws_bytes, NULL)) ||
+            (rc = kern_memset(b->ws, 0xff, b->ws_bytes)) ||
+            (rc = kern_memset((void *)sum.idx, 0, sizeof(int32_t) * (size_t)K)) ||
+            (rc = kern_moe_forward_parts(&f->L, b->x, b->tok, T, &sum, b->ws, b->ws_bytes, NULL)) ||
+            (rc = kern_memset(b->out2, 0xff, sizeof(float) * (size_t)d)) ||
+            (rc = kern_moe_sum_rows(&sum, T, d, b->out2, NULL)) || (rc = kern_sync()) ||
+            (rc = kern_d2h(out, b->out, sizeof(float) * (size_t)d)) ||
+            (rc = kern_d2h(out2, b->out2, sizeof(float) * (size_t)d)))
+            goto out;
+        int finite = 1;
+        for (int k = 0; k < d; k++)
+            finite &= isfinite(out2[k]);
+        tap(finite && !memcmp(out, out2, sizeof(float) * (size_t)d),
+            "%s %s T=1 token %d (padding): forward == route + experts, all finite", shape,
+            mode_name[mode], tk);
     }
 out:
     free(x), free(tok), free(idx), free(w), free(out), free(out2), free(ref), free(lg);
